@@ -1,0 +1,68 @@
+"""The cache's keys, held in a FAISS inner-product index.
+
+Exact prediction needs the affinity of a query with every key, which is one GEMM against the index's
+own storage (no copy, no sort). `top_k` search is FAISS's exact k-NN, used when only the nearest keys
+should count.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from ._validation import FloatArray, IntArray
+
+
+class KeyIndex:
+    """An `IndexFlatIP` over L2-normalised keys; inner product == cosine similarity."""
+
+    def __init__(self, dim: int) -> None:
+        self._index = faiss.IndexFlatIP(dim)
+
+    @classmethod
+    def from_keys(cls, keys: FloatArray) -> KeyIndex:
+        out = cls(int(keys.shape[1]))
+        out.add(keys)
+        return out
+
+    @classmethod
+    def from_bytes(cls, blob: np.ndarray) -> KeyIndex:
+        index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        if not isinstance(index, faiss.IndexFlatIP):
+            raise ValueError(f"serialized index is a {type(index).__name__}, expected IndexFlatIP")
+        out = cls(int(index.d))
+        out._index = index
+        return out
+
+    def to_bytes(self) -> np.ndarray:
+        return np.asarray(faiss.serialize_index(self._index), dtype=np.uint8)
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, keys: FloatArray) -> None:
+        if keys.shape[0]:
+            self._index.add(np.ascontiguousarray(keys, dtype=np.float32))
+
+    def vectors(self) -> FloatArray:
+        """A read-only view of the stored keys [M, d] (FAISS's own buffer, no copy)."""
+        n, d = len(self), self.dim
+        if n == 0:
+            return np.zeros((0, d), dtype=np.float32)
+        view = faiss.rev_swig_ptr(self._index.get_xb(), n * d).reshape(n, d)
+        view.flags.writeable = False
+        return view  # type: ignore[no-any-return]
+
+    def affinity(self, queries: FloatArray) -> FloatArray:
+        """Cosine of every query with every key, [Q, M]."""
+        return queries @ self.vectors().T  # type: ignore[no-any-return]
+
+    def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
+        """The k largest affinities per query and their key ids (exact search)."""
+        k = min(k, len(self))
+        sims, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return sims.astype(np.float32), ids.astype(np.int64)
