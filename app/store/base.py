@@ -1,0 +1,121 @@
+"""What every task store offers: snapshots in, snapshots out, damage reported rather than raised.
+
+The service talks to storage only through `TaskStore`, so a shared backend (object store, database) can
+replace the local directory when several replicas serve the same tasks. Names are checked here, once,
+for every backend: tenant and task ids and array names come from the network, and a backend is free to
+build paths or keys from them only because nothing outside the allowed alphabets ever gets this far.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ARRAY_NAME_PATTERN = re.compile(r"[A-Za-z0-9_./-]{1,200}")
+
+
+def check_id(value: object, what: str) -> str:
+    """Return `value` if it is a valid tenant or task id, else raise ValueError naming the problem."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    # fullmatch, not match with `$`: `$` would accept a trailing newline.
+    if not _ID_PATTERN.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+def check_array_name(value: object) -> str:
+    """Return `value` if it is a valid array name, else raise ValueError naming the problem."""
+    if not isinstance(value, str):
+        raise ValueError(f"array name must be a string, got {type(value).__name__}")
+    if not _ARRAY_NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"array name {value!r} is invalid: use 1-200 characters from A-Z a-z 0-9 _ . / -")
+    if value.startswith("/") or ".." in value:
+        raise ValueError(f"array name {value!r} is invalid: no leading '/' and no '..'")
+    return value
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing ndarrays with == is elementwise, not a bool
+class TaskSnapshot:
+    """One version of one task, exactly as the service hands it to the store and gets it back.
+
+    `meta` must be JSON-serialisable; it comes back as parsed JSON (tuples as lists, keys as strings).
+    Arrays come back bit-identical: same dtype (byte order included), shape and bytes.
+    """
+
+    tenant: str
+    task_id: str
+    version: int
+    meta: Mapping[str, Any]
+    arrays: Mapping[str, npt.NDArray[Any]]
+
+    def __post_init__(self) -> None:
+        check_id(self.tenant, "tenant")
+        check_id(self.task_id, "task id")
+        # bool is an int subclass; True as a version is a caller bug, not version 1.
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
+            raise ValueError(f"version must be an integer >= 1, got {self.version!r}")
+        if not isinstance(self.meta, Mapping):
+            raise ValueError(f"meta must be a mapping, got {type(self.meta).__name__}")
+        for name, array in self.arrays.items():
+            check_array_name(name)
+            if not isinstance(array, np.ndarray):
+                raise ValueError(f"array {name!r} must be a numpy array, got {type(array).__name__}")
+            if array.dtype.hasobject:
+                raise ValueError(f"array {name!r} has dtype {array.dtype}: object arrays would need pickles")
+
+
+@dataclass(frozen=True)
+class DamagedTask:
+    """A task found on storage that cannot be served; `location` tells an operator where it now is."""
+
+    tenant: str | None
+    task_id: str | None
+    location: str
+    reason: str
+
+
+class DamagedTaskError(Exception):
+    """Raised by `TaskStore.load` for a task that exists but fails verification."""
+
+    def __init__(self, damaged: DamagedTask) -> None:
+        super().__init__(f"task {damaged.tenant}/{damaged.task_id} is damaged: {damaged.reason}")
+        self.damaged = damaged
+
+
+class TaskStore(Protocol):
+    """Durable storage of task snapshots, one live version per (tenant, task id)."""
+
+    def save(self, snapshot: TaskSnapshot) -> None:
+        """Store `snapshot` durably and atomically, replacing older versions of the task.
+
+        When this returns the snapshot survives a crash; if it raises or the process dies first, the
+        previous version stays intact. Raises ValueError if `snapshot.version` is not above the stored one.
+        """
+        ...
+
+    def load(self, tenant: str, task_id: str) -> TaskSnapshot | None:
+        """The live version of a task, None if there is none; DamagedTaskError if it fails verification."""
+        ...
+
+    def delete(self, tenant: str, task_id: str) -> bool:
+        """Remove a task durably; False if it did not exist."""
+        ...
+
+    def list_ids(self, tenant: str | None = None) -> list[tuple[str, str]]:
+        """Sorted (tenant, task id) pairs of stored tasks, of one tenant or of all."""
+        ...
+
+    def load_all(self) -> tuple[list[TaskSnapshot], list[DamagedTask]]:
+        """Every intact task and every damaged one, for startup restore; never raises for bad data."""
+        ...
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Per tenant with at least one task: {"tasks": count, "bytes": stored bytes of live versions}."""
+        ...
