@@ -17,6 +17,7 @@ IntArray = npt.NDArray[np.int64]
 # Rows must be unit length; float32 encoders land within ~1e-6, so 1e-3 only catches real mistakes
 # (an un-normalised feature, a row of zeros) without rejecting honest rounding.
 NORM_TOLERANCE = 1e-3
+_SUM_BLOCK = 4096  # key rows converted to float64 at once
 
 
 def as_features(x: object, name: str, *, dim: int | None = None, allow_empty: bool = False) -> FloatArray:
@@ -24,7 +25,7 @@ def as_features(x: object, name: str, *, dim: int | None = None, allow_empty: bo
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [n, d], got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: at least one row is needed")
@@ -52,15 +53,20 @@ def as_index_vector(x: object, name: str, *, length: int, upper: int | None = No
         raise ValueError(f"{name} must be a 1-D array, got shape {arr.shape}")
     if arr.shape[0] != length:
         raise ValueError(f"{name} has {arr.shape[0]} entries, expected {length} (one per key row)")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.mod(arr, 1) == 0):
-            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    is_integer = np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_
+    is_whole_float = np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr) & (np.mod(arr, 1) == 0)))
+    if arr.size and not (is_integer or is_whole_float):
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     out = arr.astype(np.int64, copy=True)
     if out.size and out.min() < 0:
         raise ValueError(f"{name} must be non-negative, found {int(out.min())}")
     if upper is not None and out.size and out.max() >= upper:
-        raise ValueError(f"{name} must lie in [0, {upper}), found {int(out.max())}")
+        raise ValueError(f"{name} must lie in [0, {upper}) (one id per class), found {int(out.max())}")
     return out
+
+
+def _frozen(arr: npt.NDArray[np.generic]) -> None:
+    arr.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -68,13 +74,15 @@ class Support:
     """A validated support set, rows sorted by label (stable) so class segments are contiguous.
 
     Sorting once lets every method turn `E @ L` (E: affinities, L: one-hot labels) into a
-    segment sum over columns, which costs M per query instead of M * N.
+    segment sum over columns, which costs M per query instead of M * N. The arrays are private
+    read-only copies: mutating the caller's arrays later cannot change a fitted model.
     """
 
     keys: FloatArray  # [M, d]
     labels: IntArray  # [M], non-decreasing
     text: FloatArray  # [N, d]
     groups: IntArray  # [M], shot id of each row
+    source_rows: IntArray  # [M], index of each row in the arrays the caller passed
 
     @property
     def n_classes(self) -> int:
@@ -93,6 +101,16 @@ class Support:
         out[np.arange(self.n_rows), self.labels] = 1.0
         return out
 
+    def class_sums(self) -> npt.NDArray[np.float64]:
+        """Sum of each class's key rows, [N, d] in float64, in row blocks (no float64 copy of all keys)."""
+        sums = np.zeros((self.n_classes, self.dim), dtype=np.float64)
+        for start in range(0, self.n_rows, _SUM_BLOCK):
+            labels = self.labels[start : start + _SUM_BLOCK]
+            present, first = np.unique(labels, return_index=True)
+            block = self.keys[start : start + _SUM_BLOCK].astype(np.float64)
+            sums[present] += np.add.reduceat(block, first, axis=0)  # labels are sorted: segments
+        return sums
+
     def shots_per_class(self) -> IntArray:
         """Number of distinct groups (shots) per class."""
         counts = np.zeros(self.n_classes, dtype=np.int64)
@@ -102,10 +120,13 @@ class Support:
         return counts
 
 
-def make_support(keys: object, labels: object, text: object, groups: object | None) -> Support:
-    text_arr = as_features(text, "text")
+def make_support(
+    keys: object, labels: object, text: object, groups: object | None, *, allow_no_keys: bool = False
+) -> Support:
+    """Validate a support set (keys [M, d], labels [M] in [0, N), text [N, d], groups [M] or None)."""
+    text_arr = as_features(text, "text").copy()
     n_classes, dim = text_arr.shape
-    keys_arr = as_features(keys, "keys", dim=dim)
+    keys_arr = as_features(keys, "keys", dim=dim, allow_empty=allow_no_keys)
     m = keys_arr.shape[0]
     labels_arr = as_index_vector(labels, "labels", length=m, upper=n_classes)
     if groups is None:
@@ -114,15 +135,21 @@ def make_support(keys: object, labels: object, text: object, groups: object | No
         groups_arr = as_index_vector(groups, "groups", length=m)
         _check_groups_single_label(groups_arr, labels_arr)
     order = np.argsort(labels_arr, kind="stable")
-    return Support(
+    support = Support(
         keys=np.ascontiguousarray(keys_arr[order]),
         labels=labels_arr[order],
         text=text_arr,
         groups=groups_arr[order],
+        source_rows=order.astype(np.int64),
     )
+    for arr in (support.keys, support.labels, support.text, support.groups, support.source_rows):
+        _frozen(arr)
+    return support
 
 
 def _check_groups_single_label(groups: IntArray, labels: IntArray) -> None:
+    if groups.size == 0:
+        return
     pairs = np.unique(np.stack([groups, labels]), axis=1)
     if np.unique(pairs[0]).size != pairs.shape[1]:
         dup = pairs[0][np.flatnonzero(np.diff(pairs[0]) == 0)[0]]
@@ -144,7 +171,7 @@ def segment_sums(values: FloatArray, labels: IntArray, n_classes: int) -> FloatA
 
 def scatter_sums(values: FloatArray, columns: IntArray, n_classes: int) -> FloatArray:
     """Sum `values` [Q, k] into [Q, N] by per-entry class `columns` [Q, k] (top-k search results)."""
-    q, k = values.shape
-    flat = (np.arange(q, dtype=np.int64)[:, None] * n_classes + columns).ravel()
-    summed = np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=q * n_classes)
-    return summed.reshape(q, n_classes).astype(np.float32)
+    n_queries = values.shape[0]
+    flat = (np.arange(n_queries, dtype=np.int64)[:, None] * n_classes + columns).ravel()
+    summed = np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=n_queries * n_classes)
+    return summed.reshape(n_queries, n_classes).astype(np.float32)

@@ -9,26 +9,34 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from ._validation import FloatArray, Support, as_features, make_support
+from ._validation import FloatArray, IntArray, Support, as_features, make_support
 from .tuning import LooScorer, TuneReport, scored_rows, search
 
 HyperValue = float | int
 
 # CLIP's learned exp(logit_scale); a model that carries its own scale passes it as `scale`.
 DEFAULT_SCALE = 100.0
+# Queries scored at once by predict: bounds the [chunk, M] affinity (1024 x 16,000 floats = 64 MB).
+PREDICT_CHUNK = 1024
+_STATE_ARRAYS = ("keys", "labels", "text", "groups")
 
 
 class CacheMethod(ABC):
     """A training-free classifier over a key/value cache of support features.
 
-    Subclasses declare `name`, `defaults` (every hyper-parameter with its paper default) and
-    implement `_fit`, `_predict` and, when they have something to tune, `_default_grid`,
-    `_stages` and `_loo_scorer`.
+    Subclasses declare `name`, `defaults` (every hyper-parameter with its paper default),
+    `tunable` (what leave-one-out may search) and implement `_fit`, `_predict`, `_loo_scorer`
+    and, when they have something to tune, `_default_grid` and `_stages`.
+
+    Hyper-parameters are numbers: `scale` (logit scale) and `tau` must be positive, integers in
+    `integer_params` are >= 0, every other value is >= 0.
     """
 
     name: ClassVar[str]
     defaults: ClassVar[Mapping[str, HyperValue]]
+    tunable: ClassVar[frozenset[str]] = frozenset()
     integer_params: ClassVar[frozenset[str]] = frozenset()
+    positive_params: ClassVar[frozenset[str]] = frozenset({"scale", "tau"})
 
     def __init__(self, **hyperparams: HyperValue) -> None:
         self._hp: dict[str, HyperValue] = dict(self.defaults)
@@ -44,18 +52,20 @@ class CacheMethod(ABC):
             if key not in cls.defaults:
                 valid = ", ".join(sorted(cls.defaults)) or "none"
                 raise ValueError(f"{cls.name}: unknown hyper-parameter {key!r}; valid: {valid}")
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ValueError(f"{cls.name}: {key} must be a number, got {value!r}")
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{cls.name}: hyper-parameter {key} must be a number, got {value!r}")
             number = float(value)
             if not np.isfinite(number):
-                raise ValueError(f"{cls.name}: {key} must be finite, got {value!r}")
+                raise ValueError(f"{cls.name}: hyper-parameter {key} must be finite, got {value!r}")
+            if key in cls.positive_params and number <= 0:
+                raise ValueError(f"{cls.name}: hyper-parameter {key} must be positive, got {value!r}")
+            if number < 0:
+                raise ValueError(f"{cls.name}: hyper-parameter {key} must be non-negative, got {value!r}")
             if key in cls.integer_params:
-                if number != int(number) or number < 1:
-                    raise ValueError(f"{cls.name}: {key} must be a positive integer, got {value!r}")
+                if number != int(number):
+                    raise ValueError(f"{cls.name}: hyper-parameter {key} must be an integer, got {value!r}")
                 out[key] = int(number)
             else:
-                if key == "scale" and number <= 0:
-                    raise ValueError(f"{cls.name}: scale must be positive, got {value!r}")
                 out[key] = number
         return out
 
@@ -70,31 +80,41 @@ class CacheMethod(ABC):
 
     # ---- fit / predict ----------------------------------------------------------------------
     def fit(self, keys: object, labels: object, text: object, groups: object | None = None) -> Self:
-        """Build the cache from support keys [M, d], labels [M], class text weights [N, d]."""
+        """Build the cache from support keys [M, d], labels [M] in [0, N), class text weights [N, d].
+
+        `groups` [M] says which shot each row comes from (views of one shot share a group); it only
+        matters to leave-one-out, which masks a whole group at once.
+        """
         support = make_support(keys, labels, text, groups)
         self._fit(support)
         self._support = support
         return self
 
     def predict(self, queries: object, *, top_k: int | None = None) -> FloatArray:
-        """Logits [Q, N] for L2-normalised queries [Q, d].
+        """Logits float32 [Q, N] for L2-normalised queries [Q, d].
 
-        `top_k` keeps only each query's k largest key affinities in the cache term (exact FAISS
-        k-NN search). It approximates the full sum by dropping the keys whose weights
-        exp(-beta * (1 - cos)) are smallest; with k >= M it is exact. Methods without a key cache
-        (zero-shot, gda) ignore it.
+        `top_k` keeps only each query's k largest key affinities in the cache terms (exact FAISS
+        k-NN over the keys; Tip-X's KL term uses the same k keys), so it approximates the full sum
+        over keys by dropping the keys whose weights exp(-beta * (1 - cos)) are smallest; with
+        k >= M it is exact. It bounds which keys vote, not the cost: the k-NN search still meets
+        every key. Methods without a key cache (zero-shot, gda) ignore it. Queries are scored in
+        blocks of PREDICT_CHUNK, so a large batch never holds a [Q, M] matrix.
         """
         support = self._require_fitted()
         q = as_features(queries, "queries", dim=support.dim, allow_empty=True)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        if q.shape[0] == 0:
-            return np.zeros((0, support.n_classes), dtype=np.float32)
-        return self._predict(q, top_k).astype(np.float32, copy=False)
+        k = None if top_k is None else int(top_k)
+        out = np.empty((q.shape[0], support.n_classes), dtype=np.float32)
+        for start in range(0, q.shape[0], PREDICT_CHUNK):
+            chunk = slice(start, start + PREDICT_CHUNK)
+            out[chunk] = self._predict(q[chunk], k)
+        return out
 
     def zero_shot_logits(self, queries: FloatArray) -> FloatArray:
+        """Z = scale * f W^T, float32."""
         support = self._require_fitted()
-        return (self.scale * (queries @ support.text.T)).astype(np.float32)  # type: ignore[no-any-return]
+        return self.scale * (queries @ support.text.T)
 
     @property
     def n_classes(self) -> int:
@@ -120,62 +140,99 @@ class CacheMethod(ABC):
     ) -> dict[str, HyperValue]:
         """Choose hyper-parameters by leave-one-out on the support set, set them, fit, return them.
 
-        `grid` maps hyper-parameter names to candidate values and is searched exhaustively;
-        by default the method's own staged grid (see each class) is searched. Rows whose class has
-        fewer than two shots cannot be scored; if no row can, the current values are kept and the
-        report says why.
+        `grid` maps tunable hyper-parameter names to candidate values and is searched exhaustively
+        (one joint product); by default the method's own staged grid (see each class) is searched,
+        starting from the current values. Only rows whose class has two or more shots (groups) are
+        scored; when no row can be (one shot per class), the method's single-shot rule applies
+        (`_single_shot_fallback`: the key caches scale alpha by the zero-shot temperature, others keep
+        their current values) and `tune_report.fallback` says so. The report is `tune_report`.
         """
         support = make_support(keys, labels, text, groups)
         if grid is not None:
-            grid = {k: [self._checked({k: v})[k] for v in vals] for k, vals in grid.items()}
-            if any(len(v) == 0 for v in grid.values()):
-                raise ValueError(f"{self.name}: every grid entry needs at least one value")
-            stages: Sequence[Sequence[str]] = [list(grid)]
+            search_grid = self._checked_grid(grid)
+            stages: Sequence[Sequence[str]] = [list(search_grid)]
         else:
-            grid = self._default_grid(support)
+            search_grid = {k: list(v) for k, v in self._default_grid(support).items()}
             stages = self._stages()
         rows = self._scored_rows(support)
-        if not grid:
-            report = self._report_without_search(support, rows)
-        elif rows.size == 0:
-            report = TuneReport(
-                hyperparams=self._float_params(),
-                accuracy=None,
-                nll=None,
-                temperature=1.0,
-                n_scored=0,
-                fallback="no class has two or more shots, so leave-one-out cannot score the cache; defaults kept",
-            )
+        if rows.size == 0:
+            report = self._single_shot_fallback(support) if grid is None else None
+            if report is None:
+                report = TuneReport(
+                    hyperparams=self._float_params(),
+                    accuracy=None,
+                    nll=None,
+                    temperature=1.0,
+                    n_scored=0,
+                    fallback="no class has two or more shots, so leave-one-out cannot score the cache; "
+                    "the starting values were kept",
+                )
         else:
             scorer = self._loo_scorer(support, rows)
-            report = search(scorer, support.labels[rows], self._float_params(), grid, stages)
+            report = search(scorer, support.labels[rows], self._float_params(), search_grid, stages)
+            report = dataclasses.replace(report, rows=support.source_rows[rows])
         self._hp.update(self._checked(report.hyperparams))
         self.tune_report = dataclasses.replace(report, hyperparams=self.hyperparams)
         self._fit(support)
         self._support = support
         return self.hyperparams
 
+    def search_space(
+        self, keys: object, labels: object, text: object, groups: object | None = None
+    ) -> tuple[dict[str, list[float]], list[list[str]]]:
+        """The default grid and its search stages for this support (what `tune` searches), so callers
+        can run other searches over the same space (e.g. the test-tuned "oracle" of an evaluation)."""
+        support = make_support(keys, labels, text, groups)
+        grid = {k: [float(v) for v in values] for k, values in self._default_grid(support).items()}
+        return grid, [list(stage) for stage in self._stages()]
+
+    def _single_shot_fallback(self, support: Support) -> TuneReport | None:
+        """Hyper-parameters when leave-one-out cannot score anything; None keeps the current values."""
+        return None
+
+    def loo_logits(
+        self, keys: object, labels: object, text: object, groups: object | None = None
+    ) -> tuple[IntArray, FloatArray]:
+        """Leave-one-out logits at the current hyper-parameters, as `tune` scores them.
+
+        Returns (rows, logits): the scored rows as indices into the caller's arrays, and for each
+        the logits [len(rows), N] of the method built without that row's whole group.
+        """
+        support = make_support(keys, labels, text, groups)
+        rows = self._scored_rows(support)
+        if rows.size == 0:
+            return np.zeros(0, np.int64), np.zeros((0, support.n_classes), np.float32)
+        logits = self._loo_scorer(support, rows).logits(self._float_params())
+        return support.source_rows[rows], logits
+
+    def _checked_grid(self, grid: Mapping[str, Sequence[HyperValue]]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for key, values in grid.items():
+            self._checked({key: self.defaults.get(key, 0)})  # unknown names fail here, listing the valid
+            if key not in self.tunable:
+                valid = ", ".join(sorted(self.tunable)) or "none"
+                raise ValueError(f"{self.name}: {key!r} cannot be tuned by leave-one-out; tunable: {valid}")
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+                raise ValueError(f"{self.name}: grid[{key!r}] must be a sequence of values, got {values!r}")
+            if len(values) == 0:
+                raise ValueError(f"{self.name}: grid[{key!r}] is empty; every grid entry needs a value")
+            out[key] = [float(self._checked({key: v})[key]) for v in values]
+        return out
+
     def _float_params(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._hp.items()}
 
-    def _scored_rows(self, support: Support) -> np.ndarray:
+    def _scored_rows(self, support: Support) -> IntArray:
         return scored_rows(support)
 
-    def _report_without_search(self, support: Support, rows: np.ndarray) -> TuneReport:
-        """Nothing to tune: still report the LOO score of the fixed values where rows allow."""
-        if rows.size == 0:
-            return TuneReport(self._float_params(), None, None, 1.0, 0, fallback="no scorable rows")
-        scorer = self._loo_scorer(support, rows)
-        return search(scorer, support.labels[rows], self._float_params(), {}, [])
-
-    def _default_grid(self, support: Support) -> dict[str, Sequence[float]]:
+    def _default_grid(self, support: Support) -> Mapping[str, Sequence[float]]:
         return {}
 
     def _stages(self) -> Sequence[Sequence[str]]:
         return []
 
     @abstractmethod
-    def _loo_scorer(self, support: Support, rows: np.ndarray) -> LooScorer: ...
+    def _loo_scorer(self, support: Support, rows: IntArray) -> LooScorer: ...
 
     @abstractmethod
     def _fit(self, support: Support) -> None: ...
@@ -185,20 +242,20 @@ class CacheMethod(ABC):
 
     # ---- state (for persistence by the caller; no I/O here) ---------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
-        """Arrays from which `set_state` rebuilds the fitted method exactly."""
+        """Arrays from which `set_state` rebuilds the fitted method exactly.
+
+        Always "keys", "labels", "text", "groups" (label-sorted support); methods may add derived
+        arrays that are expensive to recompute. Hyper-parameters are not included: restore into an
+        instance constructed with the same `hyperparams`.
+        """
         support = self._require_fitted()
-        return {
-            "keys": support.keys,
-            "labels": support.labels,
-            "text": support.text,
-            "groups": support.groups,
-            **self._extra_state(),
-        }
+        state: dict[str, np.ndarray] = {name: getattr(support, name) for name in _STATE_ARRAYS}
+        return {**state, **self._extra_state()}
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> Self:
-        missing = {"keys", "labels", "text", "groups"} - set(state)
+        missing = sorted(set(_STATE_ARRAYS) - set(state))
         if missing:
-            raise ValueError(f"{self.name}: state lacks {sorted(missing)}")
+            raise ValueError(f"{self.name}: state lacks {missing}")
         support = make_support(state["keys"], state["labels"], state["text"], state["groups"])
         self._restore(support, state)
         self._support = support

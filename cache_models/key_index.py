@@ -25,18 +25,6 @@ class KeyIndex:
         out.add(keys)
         return out
 
-    @classmethod
-    def from_bytes(cls, blob: np.ndarray) -> KeyIndex:
-        index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
-        if not isinstance(index, faiss.IndexFlatIP):
-            raise ValueError(f"serialized index is a {type(index).__name__}, expected IndexFlatIP")
-        out = cls(int(index.d))
-        out._index = index
-        return out
-
-    def to_bytes(self) -> np.ndarray:
-        return np.asarray(faiss.serialize_index(self._index), dtype=np.uint8)
-
     @property
     def dim(self) -> int:
         return int(self._index.d)
@@ -53,16 +41,16 @@ class KeyIndex:
         n, d = len(self), self.dim
         if n == 0:
             return np.zeros((0, d), dtype=np.float32)
-        view = faiss.rev_swig_ptr(self._index.get_xb(), n * d).reshape(n, d)
+        view: FloatArray = faiss.rev_swig_ptr(self._index.get_xb(), n * d).reshape(n, d)
         view.flags.writeable = False
-        return view  # type: ignore[no-any-return]
+        return view
 
     def affinity(self, queries: FloatArray) -> FloatArray:
         """Cosine of every query with every key, [Q, M]."""
-        return queries @ self.vectors().T  # type: ignore[no-any-return]
+        return queries @ self.vectors().T
 
     def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
-        """The k largest affinities per query and their key ids (exact search)."""
+        """The k largest affinities per query and their key ids (exact search, k <= M)."""
         k = min(k, len(self))
         sims, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return sims.astype(np.float32), ids.astype(np.int64)

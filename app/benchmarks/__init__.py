@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and accuracy measurements behind docs/benchmarks.md."""
