@@ -1,0 +1,134 @@
+"""The encoder: preprocessing, batching and normalisation around a backend's image and text towers.
+
+Thread-safe: backend calls are serialised by a lock, because one model on two cores gains nothing from
+concurrent calls and torch/ORT thread pools would oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from .backends import ImageTower, TextTower
+from .load import LoadedModel, ModelIdentity
+from .preprocess import Pixels, Preprocessor
+from .prompts import ClassPrompts, class_prompt_texts
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def l2_normalise(x: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out: FloatArray = (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
+class Encoder:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        image_tower: ImageTower,
+        text_tower: TextTower,
+        *,
+        batch_size: int,
+        templates: Sequence[str],
+        default_backend: str,
+    ) -> None:
+        self._loaded = loaded
+        self._image_tower = image_tower
+        self._text_tower = text_tower
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+        self.preprocessor = Preprocessor(loaded.preprocess)
+        self.default_templates = list(templates)
+        self.default_backend = default_backend
+
+    # ---- what it is ---------------------------------------------------------------------------
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._loaded.identity
+
+    @property
+    def backend(self) -> str:
+        return self._image_tower.name
+
+    @property
+    def dim(self) -> int:
+        return self._loaded.identity.dim
+
+    @property
+    def logit_scale(self) -> float:
+        return self._loaded.logit_scale
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessor.size
+
+    @property
+    def model(self) -> Any:
+        return self._loaded.model
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self._loaded
+
+    # ---- images -------------------------------------------------------------------------------
+    def encode_pixels(self, pixels: Pixels) -> FloatArray:
+        """L2-normalised features [n, d] of preprocessed pixels, in batches of `batch_size`."""
+        out = np.empty((pixels.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, pixels.shape[0], self._batch_size):
+            stop = min(start + self._batch_size, pixels.shape[0])
+            with self._lock:
+                out[start:stop] = self._image_tower(np.ascontiguousarray(pixels[start:stop]))
+        return l2_normalise(out)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> FloatArray:
+        """Eval-transform features [n, d]; preprocessing happens batch by batch to bound memory."""
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), self._batch_size):
+            chunk = images[start : start + self._batch_size]
+            out[start : start + len(chunk)] = self.encode_pixels(self.preprocessor.eval_pixels(chunk))
+        return out
+
+    def encode_views(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> FloatArray:
+        """[n * views, d]: each image's `views` augmented views (seeded per image), row i*views + v."""
+        out = np.empty((len(images) * views, self.dim), dtype=np.float32)
+        per_chunk = max(1, self._batch_size // views)
+        for start in range(0, len(images), per_chunk):
+            stop = min(start + per_chunk, len(images))
+            pixels = self.preprocessor.view_pixels(images[start:stop], views, seeds[start:stop])
+            out[start * views : stop * views] = self.encode_pixels(pixels)
+        return out
+
+    # ---- text ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
+        tokens = self._loaded.tokenizer(list(texts))
+        return np.ascontiguousarray(tokens.numpy(), dtype=np.int64)
+
+    def encode_texts(self, texts: Sequence[str]) -> FloatArray:
+        """L2-normalised text features [n, d]."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self._batch_size):
+            chunk = texts[start : start + self._batch_size]
+            tokens = self.tokenize(chunk)
+            with self._lock:
+                out[start : start + len(chunk)] = self._text_tower(tokens)
+        return l2_normalise(out)
+
+    def class_text_weights(self, classes: Sequence[ClassPrompts], templates: Sequence[str] | None = None) -> FloatArray:
+        """[N, d]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+        chosen = self.default_templates if templates is None else list(templates)
+        prompt_lists = [class_prompt_texts(cls, chosen) for cls in classes]
+        flat = [p for prompts in prompt_lists for p in prompts]
+        embeddings = self.encode_texts(flat)
+        out = np.empty((len(classes), self.dim), dtype=np.float32)
+        start = 0
+        for i, prompts in enumerate(prompt_lists):
+            out[i] = embeddings[start : start + len(prompts)].mean(axis=0)
+            start += len(prompts)
+        return l2_normalise(out)

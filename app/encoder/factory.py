@@ -1,0 +1,123 @@
+"""One factory: settings -> a loaded, warmed-up `Encoder`.
+
+`SHOTCACHE_MODEL=auto` tries the configured real model and falls back to the offline stand-in when
+its weights cannot be had (no internet, nothing cached); the fallback is announced loudly here and
+reported by the service (`/v1/info`, every response's `model`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.settings import Settings
+
+from .backends import ImageTower, TextTower, TorchImageTower, TorchTextTower
+from .encoder import Encoder
+from .errors import EncoderLoadError
+from .load import LoadedModel, ModelSource, hub_reachable, load_model
+from .prompts import template_set
+from .resources import read_config
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "torch-bf16")
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    templates: list[str]
+    default_backend: str
+    default_method: str
+
+    @classmethod
+    def for_key(cls, key: str) -> ModelDefaults:
+        table = read_config("models.json")
+        entry = table.get(key, table["*"])
+        return cls(template_set(entry["templates"]), entry["default_backend"], entry["default_method"])
+
+
+def configure_threads(threads: int) -> None:
+    """Pin every thread pool to `threads` so torch, FAISS and ONNX Runtime don't oversubscribe cores."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def resolve_model(settings: Settings) -> tuple[LoadedModel, str | None]:
+    """Load the configured model; returns it and, for an `auto` fallback, why the stand-in is used."""
+    data_dir = settings.data_dir
+    cache_dir = data_dir / "hub-cache"
+    if settings.model != "auto":
+        return load_model(ModelSource.parse(settings.model, settings.pretrained), data_dir, cache_dir=cache_dir), None
+    real = ModelSource.parse(settings.auto_model, settings.pretrained)
+    reason: str
+    if _cached(real, cache_dir) or hub_reachable():
+        try:
+            return load_model(real, data_dir, cache_dir=cache_dir), None
+        except EncoderLoadError as exc:
+            reason = str(exc)
+    else:
+        reason = f"the Hugging Face hub is unreachable and {real.name}/{real.pretrained} is not cached"
+    log.warning(
+        "=== SERVING THE OFFLINE STAND-IN MODEL, NOT CLIP === %s. Accuracy is far below real CLIP; set "
+        "SHOTCACHE_MODEL to a real model (name + SHOTCACHE_PRETRAINED file, or local-dir:PATH) for production.",
+        reason,
+    )
+    return load_model(ModelSource.parse("offline", None), data_dir), reason
+
+
+def _cached(source: ModelSource, cache_dir: Path) -> bool:
+    return source.pretrained is not None and (Path(source.pretrained).is_file() or _hub_cache_has(source, cache_dir))
+
+
+def _hub_cache_has(source: ModelSource, cache_dir: Path) -> bool:
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(source.name, source.pretrained or "")
+    repo = str(cfg.get("hf_hub", "")).strip("/")
+    return bool(repo) and any(cache_dir.glob(f"models--{repo.replace('/', '--')}/snapshots/*/*"))
+
+
+def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[ImageTower, TextTower]:
+    if backend == "torch":
+        return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
+    if backend == "torch-bf16":
+        return TorchImageTower(loaded.model, bf16=True), TorchTextTower(loaded.model)
+    raise EncoderLoadError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+
+
+def create_encoder(settings: Settings) -> tuple[Encoder, str | None]:
+    """The encoder the settings ask for, warmed up; and the stand-in fallback reason if any."""
+    configure_threads(settings.threads)
+    loaded, fallback = resolve_model(settings)
+    defaults = ModelDefaults.for_key(loaded.config_key)
+    backend = defaults.default_backend if settings.backend == "auto" else settings.backend
+    image_tower, text_tower = make_towers(loaded, backend, settings)
+    encoder = Encoder(
+        loaded,
+        image_tower,
+        text_tower,
+        batch_size=settings.batch_size,
+        templates=defaults.templates,
+        default_backend=defaults.default_backend,
+    )
+    warm_up(encoder)
+    return encoder, fallback
+
+
+def warm_up(encoder: Encoder) -> None:
+    """One image and one text through the towers, so the first request doesn't pay for lazy init."""
+    import numpy as np
+
+    size = encoder.input_size
+    encoder.encode_pixels(np.zeros((1, 3, size, size), dtype=np.float32))
+    encoder.encode_texts(["warm-up"])
+
+
+def describe(encoder: Encoder) -> dict[str, Any]:
+    return {**encoder.identity.to_dict(), "backend": encoder.backend, "logit_scale": encoder.logit_scale}

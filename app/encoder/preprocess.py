@@ -1,0 +1,100 @@
+"""Image preprocessing for the encoder, in PIL + numpy (no torchvision), so every backend shares it.
+
+- eval transform: open_clip's default, shortest side -> input size (bicubic), centre crop, normalise;
+- augmented views (methods.md): RandomResizedCrop(size, scale 0.5-1, ratio 3/4-4/3, bicubic) then a
+  horizontal flip with p = 0.5, drawn from a numpy generator seeded per image, so the same shot always
+  gets the same views (a task rebuilt from its shots gives the same keys).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from app.images import resize_center_crop
+
+from .load import PreprocessConfig
+
+Pixels = npt.NDArray[np.float32]  # [n, 3, H, W], normalised
+
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+FLIP_PROBABILITY = 0.5
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    config: PreprocessConfig
+
+    @property
+    def size(self) -> int:
+        return self.config.size
+
+    def eval_pixels(self, images: Sequence[Image.Image]) -> Pixels:
+        """[n, 3, S, S] normalised pixels of the eval transform."""
+        return self._stack([resize_center_crop(img, self.size) for img in images])
+
+    def view_pixels(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> Pixels:
+        """[n * views, 3, S, S]: rows i*views .. i*views+views-1 are image i's views.
+
+        views == 1 is the eval transform (no randomness), as in the papers' 'no augmentation' setting.
+        """
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+        if views == 1:
+            return self.eval_pixels(images)
+        crops: list[Image.Image] = []
+        for image, seed in zip(images, seeds, strict=True):
+            rng = np.random.default_rng(seed)
+            crops.extend(random_resized_crop(image, self.size, rng) for _ in range(views))
+        return self._stack(crops)
+
+    def _stack(self, crops: Sequence[Image.Image]) -> Pixels:
+        out = np.empty((len(crops), 3, self.size, self.size), dtype=np.float32)
+        mean = np.asarray(self.config.mean, dtype=np.float32).reshape(3, 1, 1)
+        scale = (1.0 / (255.0 * np.asarray(self.config.std, dtype=np.float32))).reshape(3, 1, 1)
+        inv_std = 1.0 / np.asarray(self.config.std, dtype=np.float32).reshape(3, 1, 1)
+        for i, crop in enumerate(crops):
+            chw = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1)
+            # (x / 255 - mean) / std, as torchvision's ToTensor + Normalize, in two fused steps.
+            np.multiply(chw, scale, out=out[i])
+            out[i] -= mean * inv_std
+        return out
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop within the ratio range),
+    cropped and resized in one PIL call, then flipped with p = 0.5."""
+    width, height = image.size
+    area = width * height
+    box = None
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            box = (left, top, left + w, top + h)
+            break
+    if box is None:
+        in_ratio = width / height
+        if in_ratio < CROP_RATIO[0]:
+            w, h = width, round(width / CROP_RATIO[0])
+        elif in_ratio > CROP_RATIO[1]:
+            w, h = round(height * CROP_RATIO[1]), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        box = (left, top, left + w, top + h)
+    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if rng.uniform() < FLIP_PROBABILITY:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return crop

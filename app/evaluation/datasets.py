@@ -1,0 +1,46 @@
+"""Labelled image folders: `<root>/{train,test}/<class>/<image>`; class name = folder name, `_` -> space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class FolderDataset:
+    name: str
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    test: list[tuple[Path, int]]
+
+    def train_labels(self) -> list[int]:
+        return [label for _, label in self.train]
+
+
+def load_folder_dataset(root: Path) -> FolderDataset:
+    root = root.resolve()
+    train_dir, test_dir = root / "train", root / "test"
+    for folder in (train_dir, test_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{root} must hold train/<class>/* and test/<class>/*; {folder} is missing")
+    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    test_folders = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    if folders != test_folders:
+        raise ValueError(f"train and test class folders differ: {sorted(set(folders) ^ set(test_folders))}")
+    if len(folders) < 2:
+        raise ValueError(f"{root} has {len(folders)} class folder(s); at least 2 are needed")
+    train = _images(train_dir, folders)
+    test = _images(test_dir, folders)
+    return FolderDataset(root.name, [f.replace("_", " ") for f in folders], train, test)
+
+
+def _images(split: Path, folders: list[str]) -> list[tuple[Path, int]]:
+    out: list[tuple[Path, int]] = []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in (split / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{split / folder} holds no images")
+        out.extend((path, label) for path in files)
+    return out

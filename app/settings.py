@@ -1,0 +1,98 @@
+"""Every setting of the service, in one place (environment variables prefixed `SHOTCACHE_`).
+
+The README's settings table is this class; keep them in sync.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHOTCACHE_", env_file=None, extra="ignore")
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = Field(
+        "auto",
+        description="open_clip model name (e.g. ViT-B-32), `local-dir:PATH`, `offline` for the stand-in, "
+        "or `auto`: the configured real model if its weights load, else the offline stand-in.",
+    )
+    pretrained: str = Field("openai", description="open_clip pretrained tag or weights file (named models only).")
+    auto_model: str = Field("ViT-B-32", description="The real model `auto` tries first.")
+    backend: Backend = Field("auto", description="Encoder backend; `auto` takes the model's measured default.")
+    threads: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        description="Threads for torch, ONNX Runtime and FAISS (default: the CPU count).",
+    )
+    batch_size: int = Field(32, ge=1, le=512, description="Images per encoder call.")
+    views: int = Field(1, ge=1, le=32, description="Default augmented views per support image.")
+
+    # --- storage -----------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Tasks, the stand-in model and exported backends live here.")
+
+    # --- HTTP --------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `shotcache serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `shotcache serve` binds.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated `tenant:key` pairs; unset means open access (local use).",
+    )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated keys allowed to read every tenant's usage."
+    )
+
+    # --- work queue --------------------------------------------------------------------------
+    max_batch: int = Field(32, ge=1, le=512, description="Most images one batched encoder call takes.")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up.")
+    queue_size: int = Field(256, ge=1, description="Images waiting for the encoder before requests get 429.")
+    workers: int = Field(2, ge=1, le=64, description="Threads for CPU work outside the encoder.")
+
+    # --- input limits ------------------------------------------------------------------------
+    max_request_mb: float = Field(50, gt=0, description="Largest request body (MB).")
+    max_file_mb: float = Field(10, gt=0, description="Largest single uploaded file (MB).")
+    max_create_files: int = Field(512, ge=2, description="Most images in one task create / add-shots request.")
+    max_classify_files: int = Field(64, ge=1, description="Most images in one classify request.")
+    min_image_side: int = Field(16, ge=1, description="Smallest accepted image side (px).")
+    max_image_side: int = Field(12000, ge=16, description="Largest accepted image side (px).")
+    max_image_pixels: int = Field(40_000_000, ge=256, description="Largest accepted width x height.")
+    max_classes: int = Field(1000, ge=2, description="Most classes in one task.")
+    max_top_k: int = Field(100, ge=1, description="Largest `top_k` a classify request may ask for.")
+
+    log_level: str = Field("info", description="Python logging level.")
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from this class so the two cannot drift apart."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "CPU count" if name == "threads" else "(none)"
+        else:
+            default = str(field.default)
+        lines.append(f"| `SHOTCACHE_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table())
