@@ -1,0 +1,62 @@
+"""FastAPI dependencies: the service, and the calling tenant (auth)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.service import TaskService
+from app.service.errors import ServiceError
+
+from .auth import PUBLIC_TENANT, Caller, KeyRing
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` when SHOTCACHE_API_KEYS is set.")
+
+
+class Unauthorized(ServiceError):  # noqa: N818 (named after the HTTP answer)
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):  # noqa: N818 (named after the HTTP answer)
+    status = 403
+    code = "forbidden"
+
+
+class NotReady(ServiceError):  # noqa: N818 (named after the HTTP answer)
+    status = 503
+    code = "not_ready"
+
+
+def get_service(request: Request) -> TaskService:
+    service: TaskService | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        raise NotReady("the service is starting; retry shortly")
+    return service
+
+
+def get_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
+    keys: KeyRing = request.app.state.keys
+    if keys.open:
+        return Caller(PUBLIC_TENANT)
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    caller = keys.identify(credentials.credentials)
+    if caller is None:
+        raise Unauthorized("unknown API key")
+    return caller
+
+
+def get_admin(caller: Annotated[Caller, Depends(get_caller)], request: Request) -> Caller:
+    if not caller.admin and not request.app.state.keys.open:
+        raise Forbidden("this route needs an admin key")
+    return caller
+
+
+ServiceDep = Annotated[TaskService, Depends(get_service)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
+AdminDep = Annotated[Caller, Depends(get_admin)]

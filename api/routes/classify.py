@@ -1,0 +1,49 @@
+"""/v1/tasks/{id}/classify."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from ..deps import CallerDep, ServiceDep
+from ..schemas import ClassifyOut, ImageResult, LabelProbability
+from .forms import read_uploads
+from .tasks import ERRORS
+
+router = APIRouter(prefix="/v1/tasks", tags=["classify"])
+
+
+@router.post("/{task_id}/classify", response_model=ClassifyOut, responses=ERRORS)
+async def classify(
+    service: ServiceDep,
+    caller: CallerDep,
+    task_id: str,
+    images: Annotated[list[UploadFile], File(description="Images to classify.")],
+    top_k: Annotated[int, Form(description="How many classes to list per image.")] = 5,
+    method: Annotated[str | None, Form(description="Use this method instead of the task's own.")] = None,
+    abstain: Annotated[
+        bool, Form(description="Answer label null when the top probability is below the task's threshold.")
+    ] = False,
+) -> ClassifyOut:
+    service.get_task(caller.tenant, task_id)  # 404/409 before reading the uploads
+    uploads = await read_uploads(images, service.limits.max_file_bytes)
+    task, predictions = await service.classify(
+        caller.tenant, task_id, uploads, top_k=top_k, method=method, abstain=abstain
+    )
+    return ClassifyOut(
+        task_id=task.task_id,
+        task_version=task.version,
+        model=task.model_id,
+        results=[
+            ImageResult(
+                filename=upload.filename,
+                label=p.label,
+                top_k=[LabelProbability(label=name, probability=prob) for name, prob in p.top_k],
+                method=p.method,
+                model=task.model_id,
+                reason=p.reason,
+            )
+            for upload, p in zip(uploads, predictions, strict=True)
+        ],
+    )

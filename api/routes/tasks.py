@@ -1,0 +1,120 @@
+"""/v1/tasks: create, list, read, delete, add shots."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi.responses import JSONResponse
+
+from app.service import CreateTaskRequest, ShotsRequest
+
+from ..deps import CallerDep, ServiceDep
+from ..schemas import BuildOut, ErrorResponse, TaskList, TaskOut
+from .forms import parse_classes, parse_hyperparams, parse_templates, read_uploads
+from .views import build_out, task_out
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429)
+}
+
+ImagesField = Annotated[list[UploadFile], File(description="Shot images (JPEG, PNG, WebP, BMP, GIF, TIFF).")]
+LabelsField = Annotated[list[str], Form(description="One class label per image, same order.")]
+ClassesField = Annotated[
+    str | None,
+    Form(
+        description='JSON: per-class prompts, e.g. {"cat": ["a photo of a small cat"], '
+        '"dog": {"prompts": [...], "templates": false}}'
+    ),
+]
+
+
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=TaskOut, responses={202: {"model": BuildOut}, **ERRORS}
+)
+async def create_task(
+    service: ServiceDep,
+    caller: CallerDep,
+    images: ImagesField,
+    labels: LabelsField,
+    name: Annotated[str | None, Form(description="A name for the task.")] = None,
+    method: Annotated[
+        str | None, Form(description="zero-shot, tip-adapter, tip-x, ape, gda, or auto (best by leave-one-out).")
+    ] = None,
+    views: Annotated[int | None, Form(description="Augmented views per shot (1-32).")] = None,
+    templates: Annotated[str | None, Form(description="JSON list of prompt templates with one {}.")] = None,
+    classes: ClassesField = None,
+    hyperparams: Annotated[
+        str | None, Form(description="JSON object of hyper-parameters for `method` (skips tuning).")
+    ] = None,
+    wait: Annotated[bool, Form(description="false: answer 202 at once and build in the background.")] = True,
+) -> TaskOut | JSONResponse:
+    request = CreateTaskRequest(
+        images=await read_uploads(images, service.limits.max_file_bytes),
+        labels=labels,
+        classes=parse_classes(classes),
+        name=name,
+        method=method,
+        views=views,
+        templates=parse_templates(templates),
+        hyperparams=parse_hyperparams(hyperparams),
+    )
+    if not wait:
+        build = service.start_create(caller.tenant, request)
+        return JSONResponse(
+            build_out(build).model_dump(),
+            status_code=status.HTTP_202_ACCEPTED,
+            headers={"Location": f"/v1/tasks/{build.task_id}"},
+        )
+    loop = asyncio.get_running_loop()
+    task = await loop.run_in_executor(service.build_executor, service.create_task, caller.tenant, request)
+    return task_out(task)
+
+
+@router.get("", response_model=TaskList, responses={401: {"model": ErrorResponse}})
+async def list_tasks(service: ServiceDep, caller: CallerDep) -> TaskList:
+    return TaskList(
+        tasks=[task_out(t) for t in service.list_tasks(caller.tenant)],
+        building=[build_out(b) for b in service.builds(caller.tenant)],
+    )
+
+
+@router.get("/{task_id}", response_model=TaskOut, responses={202: {"model": BuildOut}, **ERRORS})
+async def get_task(service: ServiceDep, caller: CallerDep, task_id: str) -> TaskOut | JSONResponse:
+    build = service.build_status(caller.tenant, task_id)
+    if build is not None:
+        # Building: 202. Failed: the build's error status (e.g. 422 for a corrupt image), so a client
+        # polling while 202 stops; the body carries the id, progress and `error: {code, message}`.
+        code = status.HTTP_202_ACCEPTED if build.state == "building" else build.error_status or 500
+        return JSONResponse(build_out(build).model_dump(), status_code=code)
+    return task_out(service.get_task(caller.tenant, task_id))
+
+
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+async def delete_task(service: ServiceDep, caller: CallerDep, task_id: str) -> Response:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(service.build_executor, service.delete_task, caller.tenant, task_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{task_id}/shots", response_model=TaskOut, responses=ERRORS)
+async def add_shots(
+    service: ServiceDep,
+    caller: CallerDep,
+    task_id: str,
+    images: ImagesField,
+    labels: LabelsField,
+    classes: ClassesField = None,
+) -> TaskOut:
+    service.get_task(caller.tenant, task_id)  # 404 before reading the uploads
+    request = ShotsRequest(
+        images=await read_uploads(images, service.limits.max_file_bytes),
+        labels=labels,
+        classes=parse_classes(classes),
+    )
+    loop = asyncio.get_running_loop()
+    task = await loop.run_in_executor(service.build_executor, service.add_shots, caller.tenant, task_id, request)
+    return task_out(task)

@@ -1,0 +1,37 @@
+"""Service objects -> response schemas."""
+
+from __future__ import annotations
+
+from app.service import BuildStatus, Task
+
+from ..schemas import BuildOut, ClassOut, ErrorBody, MethodOut, TaskOut
+
+
+def task_out(task: Task) -> TaskOut:
+    counts = task.shot_counts()
+    fit = task.fits[task.method]
+    return TaskOut(
+        id=task.task_id,
+        name=task.name,
+        version=task.version,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        model=task.model_id,
+        backend=task.backend,
+        views=task.views,
+        templates=list(task.templates),
+        classes=[
+            ClassOut(name=c.name, shots=n, prompts=list(c.prompts), templates=c.templates)
+            for c, n in zip(task.classes, counts, strict=True)
+        ],
+        method=task.method,
+        method_requested=task.method_requested,
+        hyperparams=fit.method.hyperparams,
+        loo_accuracy=fit.loo_accuracy,
+        methods={name: MethodOut(**f.summary()) for name, f in task.fits.items()},
+    )
+
+
+def build_out(status: BuildStatus) -> BuildOut:
+    error = ErrorBody(**status.error) if status.error else None
+    return BuildOut(id=status.task_id, status=status.state, done=status.done, total=status.total, error=error)

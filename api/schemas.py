@@ -1,0 +1,107 @@
+"""Response bodies (and the JSON parts of multipart requests), as pydantic models for OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable error code, e.g. labels_mismatch, task_not_found.")
+    message: str = Field(description="What was wrong, in words.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ClassOut(BaseModel):
+    name: str
+    shots: int
+    prompts: list[str]
+    templates: bool
+
+
+class MethodOut(BaseModel):
+    method: str
+    hyperparams: dict[str, float | int]
+    loo_accuracy: float | None = Field(description="Leave-one-out accuracy on the shots (None if impossible).")
+    loo_nll: float | None
+    temperature: float = Field(description="Calibration temperature fitted on the leave-one-out logits.")
+    abstain_threshold: float | None
+    loo_scored_shots: int
+    fallback: str | None
+
+
+class TaskOut(BaseModel):
+    id: str
+    status: Literal["ready"] = "ready"
+    name: str | None
+    version: int
+    created_at: float
+    updated_at: float
+    model: str = Field(description="Identity of the model the task's features come from.")
+    backend: str
+    views: int
+    templates: list[str]
+    classes: list[ClassOut]
+    method: str = Field(description="The method classify uses by default.")
+    method_requested: str
+    hyperparams: dict[str, float | int]
+    loo_accuracy: float | None = Field(description="Leave-one-out accuracy estimate of `method`.")
+    methods: dict[str, MethodOut]
+
+
+class BuildOut(BaseModel):
+    id: str
+    status: Literal["building", "failed"]
+    done: int = Field(description="Shots encoded so far.")
+    total: int
+    error: ErrorBody | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+    building: list[BuildOut]
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ImageResult(BaseModel):
+    filename: str | None
+    label: str | None = Field(description="Best class, or null when abstaining.")
+    top_k: list[LabelProbability]
+    method: str
+    model: str
+    reason: str | None = None
+
+
+class ClassifyOut(BaseModel):
+    task_id: str
+    task_version: int
+    model: str
+    results: list[ImageResult]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Info(BaseModel):
+    version: str
+    model: dict[str, Any]
+    methods: list[str]
+    default_method: str
+    limits: dict[str, float | int]
+    tasks: int
+    damaged_tasks: list[dict[str, Any]]
+    queue: dict[str, int]
+    auth: Literal["open", "api-keys"]
+
+
+class Usage(BaseModel):
+    tenants: dict[str, dict[str, int]]

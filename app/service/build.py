@@ -1,0 +1,62 @@
+"""Fit every method on a task's shots by leave-one-out and choose the one classify uses."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+from app.fewshot import build_method
+from cache_models import METHODS, CacheMethod
+
+from .errors import InvalidInput
+from .task import FloatArray, IntArray, MethodFit, abstain_threshold, pick_best
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+def method_fit(method: CacheMethod) -> MethodFit:
+    report = method.tune_report
+    if report is None:  # fitted with given hyper-parameters, not tuned
+        return MethodFit(method, None, None, 1.0, None, 0, "not tuned")
+    threshold = abstain_threshold(report.confidence, report.correct) if report.n_scored else None
+    return MethodFit(
+        method=method,
+        loo_accuracy=report.accuracy,
+        loo_nll=report.nll,
+        temperature=report.temperature,
+        abstain_threshold=threshold,
+        n_scored=report.n_scored,
+        fallback=report.fallback,
+    )
+
+
+def fit_methods(
+    view_features: FloatArray,
+    shot_labels: IntArray,
+    text: FloatArray,
+    views: int,
+    *,
+    scale: float,
+    methods: Sequence[str] = METHODS,
+) -> dict[str, MethodFit]:
+    """Tune each method by leave-one-out on the shots (no re-encoding: one affinity per method)."""
+    fits = {}
+    for name in methods:
+        started = time.monotonic()
+        method = build_method(name, view_features, shot_labels, text, views, scale=scale)
+        fits[name] = method_fit(method)
+        log.debug("tuned %s in %.2f s: %s", name, time.monotonic() - started, fits[name].summary())
+    return fits
+
+
+def choose_method(requested: str, fits: Mapping[str, MethodFit], default: str) -> str:
+    """`auto`: best leave-one-out score; a method name: that method; else the model's default."""
+    if requested == AUTO:
+        best = pick_best(list(fits.values()))
+        return best.name if best is not None else default
+    if requested not in fits:
+        raise InvalidInput(f"unknown method {requested!r}; valid: {AUTO}, {', '.join(fits)}", code="unknown_method")
+    return requested

@@ -1,0 +1,112 @@
+"""Task <-> store snapshot. The store is schema-agnostic; this module is the schema.
+
+Shared arrays are stored once; each method adds only the state that is its own (e.g. its FAISS index,
+serialised), since its keys, labels and groups are derived from the shared arrays exactly as at build.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from app.fewshot import method_inputs
+from app.store import TaskSnapshot
+from cache_models import get_method
+
+from .task import ClassInfo, MethodFit, Task
+
+SCHEMA = 1
+SUPPORT_ARRAYS = frozenset({"keys", "labels", "text", "groups"})
+
+
+def to_snapshot(task: Task) -> TaskSnapshot:
+    arrays: dict[str, np.ndarray] = {
+        "shot_features": task.shot_features,
+        "shot_labels": task.shot_labels,
+        "shot_seeds": task.shot_seeds,
+        "text": task.text,
+    }
+    methods_meta = {}
+    for name, fit in task.fits.items():
+        for key, value in fit.method.get_state().items():
+            if key not in SUPPORT_ARRAYS:
+                arrays[f"method/{name}/{key}"] = value
+        methods_meta[name] = {
+            "hyperparams": fit.method.hyperparams,
+            "loo_accuracy": fit.loo_accuracy,
+            "loo_nll": fit.loo_nll,
+            "temperature": fit.temperature,
+            "abstain_threshold": fit.abstain_threshold,
+            "n_scored": fit.n_scored,
+            "fallback": fit.fallback,
+        }
+    meta = {
+        "schema": SCHEMA,
+        "name": task.name,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "model_id": task.model_id,
+        "backend": task.backend,
+        "views": task.views,
+        "templates": list(task.templates),
+        "classes": [{"name": c.name, "prompts": list(c.prompts), "templates": c.templates} for c in task.classes],
+        "method": task.method,
+        "method_requested": task.method_requested,
+        "methods": methods_meta,
+        "extra": dict(task.extra),
+    }
+    return TaskSnapshot(task.tenant, task.task_id, task.version, meta, arrays)
+
+
+def from_snapshot(snapshot: TaskSnapshot) -> Task:
+    """Rebuild a task; ValueError/KeyError/TypeError mean the snapshot is not a usable task."""
+    meta: dict[str, Any] = dict(snapshot.meta)
+    if meta.get("schema") != SCHEMA:
+        raise ValueError(f"task schema {meta.get('schema')!r} is not {SCHEMA}")
+    arrays = snapshot.arrays
+    features = np.asarray(arrays["shot_features"], dtype=np.float32)
+    labels = np.asarray(arrays["shot_labels"], dtype=np.int64)
+    text = np.asarray(arrays["text"], dtype=np.float32)
+    views = int(meta["views"])
+    fits = {}
+    for name, info in meta["methods"].items():
+        cls = get_method(name)
+        method = cls(**info["hyperparams"])
+        keys, method_labels, groups = method_inputs(name, features, labels, views)
+        prefix = f"method/{name}/"
+        state = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+        state.update({"keys": keys, "labels": method_labels, "groups": groups, "text": text})
+        method.set_state(state)
+        fits[name] = MethodFit(
+            method=method,
+            loo_accuracy=info["loo_accuracy"],
+            loo_nll=info["loo_nll"],
+            temperature=float(info["temperature"]),
+            abstain_threshold=info["abstain_threshold"],
+            n_scored=int(info["n_scored"]),
+            fallback=info["fallback"],
+        )
+    if meta["method"] not in fits:
+        raise ValueError(f"task method {meta['method']!r} has no fitted state")
+    return Task(
+        tenant=snapshot.tenant,
+        task_id=snapshot.task_id,
+        name=meta["name"],
+        version=snapshot.version,
+        created_at=float(meta["created_at"]),
+        updated_at=float(meta["updated_at"]),
+        model_id=str(meta["model_id"]),
+        backend=str(meta["backend"]),
+        views=views,
+        templates=tuple(meta["templates"]),
+        classes=tuple(ClassInfo(c["name"], tuple(c["prompts"]), bool(c["templates"])) for c in meta["classes"]),
+        shot_features=features,
+        shot_labels=labels,
+        shot_seeds=np.asarray(arrays["shot_seeds"], dtype=np.int64),
+        text=text,
+        fits=fits,
+        method=str(meta["method"]),
+        method_requested=str(meta["method_requested"]),
+        extra=dict(meta.get("extra", {})),
+    )

@@ -1,0 +1,141 @@
+"""A task: one tenant's few-shot classifier, immutable once built.
+
+An update builds a new `Task` beside the old one and swaps the reference, so a classify call that took
+the reference sees one version whole, never a mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cache_models import CacheMethod
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+# Abstain when the calibrated top probability is below what 95% of the correctly classified
+# leave-one-out shots reached: in-distribution answers are kept at roughly that rate.
+ABSTAIN_KEEP_FRACTION = 0.95
+MIN_CORRECT_FOR_THRESHOLD = 5
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str
+    prompts: tuple[str, ...] = ()
+    templates: bool = True
+
+
+@dataclass(frozen=True)
+class MethodFit:
+    """A fitted method with what leave-one-out said about it."""
+
+    method: CacheMethod
+    loo_accuracy: float | None
+    loo_nll: float | None
+    temperature: float  # calibrated probabilities are softmax(logits / temperature)
+    abstain_threshold: float | None
+    n_scored: int
+    fallback: str | None
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "hyperparams": self.method.hyperparams,
+            "loo_accuracy": self.loo_accuracy,
+            "loo_nll": self.loo_nll,
+            "temperature": self.temperature,
+            "abstain_threshold": self.abstain_threshold,
+            "loo_scored_shots": self.n_scored,
+            "fallback": self.fallback,
+        }
+
+
+def abstain_threshold(confidence: FloatArray, correct: npt.NDArray[np.bool_]) -> float | None:
+    right = np.sort(confidence[correct])
+    if right.size < MIN_CORRECT_FOR_THRESHOLD:
+        return None
+    return float(np.quantile(right, 1.0 - ABSTAIN_KEEP_FRACTION))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str | None
+    top_k: list[tuple[str, float]]
+    method: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    tenant: str
+    task_id: str
+    name: str | None
+    version: int
+    created_at: float
+    updated_at: float
+    model_id: str
+    backend: str
+    views: int
+    templates: tuple[str, ...]
+    classes: tuple[ClassInfo, ...]
+    shot_features: FloatArray  # [S * views, d], rows s*views .. of shot s
+    shot_labels: IntArray  # [S]
+    shot_seeds: IntArray  # [S], the augmentation seed of each shot
+    text: FloatArray  # [N, d]
+    fits: Mapping[str, MethodFit]
+    method: str  # what classify uses unless told otherwise
+    method_requested: str  # what the client asked for ("auto", a method name, or "default")
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def shot_counts(self) -> list[int]:
+        return np.bincount(self.shot_labels, minlength=len(self.classes)).astype(int).tolist()  # type: ignore[no-any-return]
+
+    def classify(self, features: FloatArray, *, method: str | None, top_k: int, abstain: bool) -> list[Prediction]:
+        fit = self.fits[method or self.method]
+        logits = fit.method.predict(features).astype(np.float64) / fit.temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        names = self.class_names
+        out = []
+        for row, idx in zip(probs, order, strict=True):
+            ranked = [(names[i], float(row[i])) for i in idx]
+            label: str | None = ranked[0][0]
+            reason = None
+            if abstain:
+                if fit.abstain_threshold is None:
+                    reason = "abstaining needs leave-one-out scores (two or more shots in some class); answered anyway"
+                elif ranked[0][1] < fit.abstain_threshold:
+                    label = None
+                    reason = (
+                        f"top probability {ranked[0][1]:.3f} is below the task's threshold "
+                        f"{fit.abstain_threshold:.3f} (what 95% of correctly classified shots reached)"
+                    )
+            out.append(Prediction(label, ranked, fit.name, reason))
+        return out
+
+
+def pick_best(fits: Sequence[MethodFit]) -> MethodFit | None:
+    """The method with the lowest calibrated leave-one-out cross-entropy (ties: higher accuracy), or
+    None when leave-one-out scored no cache method (one shot per class): zero-shot would then win
+    by default, not by comparison."""
+    scored = [f for f in fits if f.loo_nll is not None and f.loo_accuracy is not None]
+    if not [f for f in scored if f.name != "zero-shot"]:
+        return None
+    return min(scored, key=lambda f: (round(f.loo_nll or 0.0, 6), -(f.loo_accuracy or 0.0)))
