@@ -25,6 +25,27 @@ class KeyIndex:
         out.add(keys)
         return out
 
+    def to_bytes(self) -> np.ndarray:
+        """The index serialised by FAISS (uint8), for the caller to persist."""
+        blob: np.ndarray = faiss.serialize_index(self._index)
+        return blob
+
+    @classmethod
+    def from_bytes(cls, blob: np.ndarray, *, dim: int, count: int) -> KeyIndex:
+        """An index from `to_bytes` output; ValueError unless it is a flat IP index of [count, dim]."""
+        try:
+            index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        except RuntimeError as exc:  # FAISS reports unreadable data as RuntimeError
+            raise ValueError(f"stored FAISS index is unreadable: {exc}") from None
+        if not isinstance(index, faiss.IndexFlatIP) or index.d != dim or index.ntotal != count:
+            raise ValueError(
+                f"stored FAISS index is a {type(index).__name__} of {index.ntotal} x {index.d}, "
+                f"expected IndexFlatIP of {count} x {dim}"
+            )
+        out = cls(dim)
+        out._index = index
+        return out
+
     @property
     def dim(self) -> int:
         return int(self._index.d)

@@ -259,7 +259,7 @@ class TipX(IncrementalCacheMethod):
 
     def _extra_state(self) -> dict[str, np.ndarray]:
         # Recomputing psi is O(M^2 d); store it with the tau it belongs to.
-        return {"psi": np.append(self._frozen.psi.as_array(), self._frozen.tau)}
+        return {**super()._extra_state(), "psi": np.append(self._frozen.psi.as_array(), self._frozen.tau)}
 
     def _restore(self, support: Support, state: Mapping[str, np.ndarray]) -> None:
         stored = np.asarray(state.get("psi", np.zeros(0)), dtype=np.float64)
@@ -267,3 +267,4 @@ class TipX(IncrementalCacheMethod):
         if stored.shape == (5,) and np.all(np.isfinite(stored)) and stored[4] == float(self._hp["tau"]):
             psi = PsiRange(*(float(v) for v in stored[:4]))
         self._fit(support, psi)
+        self._adopt_stored_index(state)

@@ -132,3 +132,23 @@ def test_tuned_model_equals_a_fit_at_the_tuned_values() -> None:
         values = tuned.tune(t.keys, t.labels, t.text)
         fitted = get_method(name)(**values).fit(t.keys, t.labels, t.text)
         np.testing.assert_array_equal(tuned.predict(t.queries), fitted.predict(t.queries))
+
+
+@pytest.mark.parametrize("name", ["tip-adapter", "tip-x", "ape"])
+def test_state_carries_the_faiss_index_and_rejects_one_that_disagrees(name: str) -> None:
+    import faiss
+
+    t = make_task(21, views=1)
+    fitted = get_method(name)(**HYPERPARAMS[name]).fit(t.keys, t.labels, t.text)
+    state = fitted.get_state()
+    index = faiss.deserialize_index(state["index"])
+    assert isinstance(index, faiss.IndexFlatIP)
+    assert index.ntotal == t.keys.shape[0]
+    restored = get_method(name)(**HYPERPARAMS[name]).set_state(state)
+    np.testing.assert_array_equal(restored.predict(t.queries), fitted.predict(t.queries))
+
+    other = get_method(name)(**HYPERPARAMS[name]).fit(unit(t.keys + 0.5), t.labels, t.text)  # other keys
+    with pytest.raises(ValueError, match="does not hold the stored keys"):
+        get_method(name)(**HYPERPARAMS[name]).set_state({**state, "index": other.get_state()["index"]})
+    with pytest.raises(ValueError, match=r"unreadable|expected IndexFlatIP"):
+        get_method(name)(**HYPERPARAMS[name]).set_state({**state, "index": state["index"][:40]})
