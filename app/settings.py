@@ -94,5 +94,19 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
+def write_readme_table(readme: str) -> str:
+    """`readme` with the text between the settings markers replaced by `settings_table()`."""
+    begin, end = "<!-- BEGIN settings -->", "<!-- END settings -->"
+    head, _, rest = readme.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{settings_table()}\n{end}{tail}"
+
+
 if __name__ == "__main__":
-    print(settings_table())
+    import sys
+
+    if sys.argv[1:] == ["--write-readme"]:
+        readme = Path("README.md")
+        readme.write_text(write_readme_table(readme.read_text()))
+    else:
+        print(settings_table())

@@ -18,6 +18,7 @@ Deterministic: the same packages give the same weights (the builder checks nothi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -86,12 +87,21 @@ def open_clip_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def ensure_standin(data_dir: Path) -> Path:
-    """The stand-in's directory under `data_dir`, built on first use (atomically, once per machine)."""
+    """The stand-in's directory under `data_dir`, built on first use (atomically, once per machine).
+
+    A lock file serialises concurrent first starts (several workers, or a test run beside a server):
+    the second waits for the first build instead of racing it.
+    """
     target = standin_dir(data_dir)
     if (target / RECIPE_FILE).is_file():
         return target
-    log.warning("offline stand-in model not found under %s: building it (about a minute on 2 cores)", target)
-    return build_standin(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / RECIPE_FILE).is_file():  # built by whoever held the lock before us
+            return target
+        log.warning("offline stand-in model not found under %s: building it (about 30 s on 2 cores)", target)
+        return build_standin(target)
 
 
 def build_standin(out_dir: Path, *, logit_scale: float | None = None) -> Path:

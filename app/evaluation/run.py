@@ -142,16 +142,19 @@ def evaluate(
     scale: float,
     default_method: str = "ape",
     oracle: bool = False,
+    paper: bool = False,
 ) -> list[ResultRow]:
     """Test accuracy of every method tuned by leave-one-out on the sampled shots only.
 
     `auto` is the method the service's `method=auto` would pick (lowest calibrated LOO cross-entropy
     among the others; `default_method` when leave-one-out could not score any cache method).
     `oracle` adds `<method>@oracle` rows: the same grid searched for the best TEST accuracy, an
-    upper bound no service can reach, reported to show what leave-one-out tuning leaves.
+    upper bound no service can reach, reported to show what leave-one-out tuning leaves. `paper`
+    adds `<method>@paper` rows: the method at its papers' default hyper-parameters, untuned.
     """
     rows = []
-    fitted_methods = [m for m in methods if m != AUTO] or [m for m in METHODS]
+    # auto compares every method (and falls back to the default one), so it needs them all fitted
+    fitted_methods = list(METHODS) if AUTO in methods else list(methods)
     for k in shots:
         for seed in seeds:
             picked = sample_shots(data.train_labels, k, seed)
@@ -165,6 +168,10 @@ def evaluate(
                     rows.append(_row(name, k, seed, method, data))
                 if oracle and name != "zero-shot":
                     rows.append(_oracle_row(name, k, seed, method, feats, labels, data, scale))
+                if paper and name != "zero-shot":
+                    keys, key_labels, groups = method_inputs(name, feats, labels, data.views)
+                    untuned = get_method(name)(scale=scale).fit(keys, key_labels, data.text, groups)
+                    rows.append(_row(f"{name}@paper", k, seed, untuned, data))
             if AUTO in methods:
                 best = _lowest_loo_nll(fitted) or default_method
                 rows.append(replace(_row(best, k, seed, fitted[best], data), method=AUTO, chosen=best))
