@@ -69,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scale=encoder.logit_scale,
         default_method=default_method,
         oracle=args.oracle,
+        paper=args.paper,
     )
     print(f"model {encoder.identity.model_id} ({encoder.backend}), data {dataset.name}, views {args.views}")
     print(summary_table(rows))
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=_int_list, default=[1, 2, 3])
     ev.add_argument("--methods", type=_methods, default=[*METHODS, "auto"], help="comma-separated, or all")
     ev.add_argument("--oracle", action="store_true", help="also report each method tuned on TEST (an upper bound)")
+    ev.add_argument("--paper", action="store_true", help="also report each method at its papers' default values")
     ev.add_argument("--views", type=int, default=1)
     ev.add_argument("--json", help="write the results here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
