@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build_offline_model)
 
     bench = sub.add_parser("bench", help="speed, memory and accuracy benchmarks (writes docs/benchmarks.md)")
-    model_options(bench)
+    bench.add_argument("--data-dir", type=Path, help="override SHOTCACHE_DATA_DIR (holds the stand-in and exports)")
+    from .benchmarks.options import add_arguments
+
+    add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

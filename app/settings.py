@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Backend = Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"]
+Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
 
 
 class Settings(BaseSettings):
@@ -27,11 +27,16 @@ class Settings(BaseSettings):
     )
     pretrained: str = Field("openai", description="open_clip pretrained tag or weights file (named models only).")
     auto_model: str = Field("ViT-B-32", description="The real model `auto` tries first.")
-    backend: Backend = Field("auto", description="Encoder backend; `auto` takes the model's measured default.")
+    backend: Backend = Field(
+        "auto",
+        description="Encoder backend: `torch` (eager fp32), `onnx` (ONNX Runtime fp32) or `onnx-int8` (int8 "
+        "MatMul weights); `auto` takes the model's measured default. ONNX exports are made on first start, cached "
+        "under the data dir's `exports/`; if one fails the service runs torch and logs why.",
+    )
     threads: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1),
         ge=1,
-        description="Threads for torch, ONNX Runtime and FAISS (default: the CPU count).",
+        description="Threads for torch, ONNX Runtime, FAISS and BLAS each (default: the CPU count).",
     )
     batch_size: int = Field(32, ge=1, le=512, description="Images per encoder call.")
     views: int = Field(1, ge=1, le=32, description="Default augmented views per support image.")
@@ -55,6 +60,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up.")
     queue_size: int = Field(256, ge=1, description="Images waiting for the encoder before requests get 429.")
     workers: int = Field(2, ge=1, le=64, description="Threads for CPU work outside the encoder.")
+    max_pending_builds: int = Field(
+        4, ge=1, le=256, description="Task creates / shot additions running or waiting before new ones get 429."
+    )
 
     # --- input limits ------------------------------------------------------------------------
     max_request_mb: float = Field(50, gt=0, description="Largest request body (MB).")

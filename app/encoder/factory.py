@@ -7,6 +7,7 @@ reported by the service (`/v1/info`, every response's `model`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from app.settings import Settings
 
 from .backends import ImageTower, TextTower, TorchImageTower, TorchTextTower
+from .backends.export import ONNX_BACKENDS, ExportError
 from .encoder import Encoder
 from .errors import EncoderLoadError
 from .load import LoadedModel, ModelSource, hub_reachable, load_model
@@ -23,7 +25,7 @@ from .resources import read_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-bf16")
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,22 @@ class ModelDefaults:
 
 
 def configure_threads(threads: int) -> None:
-    """Pin every thread pool to `threads` so torch, FAISS and ONNX Runtime don't oversubscribe cores."""
+    """Pin every thread pool to `threads` so torch, FAISS, BLAS and ONNX Runtime don't oversubscribe cores.
+
+    ONNX Runtime gets its count per session (onnx_backend.make_session); torch's inter-op pool is one thread
+    (the encoder lock serialises model calls anyway); numpy's BLAS (the cache methods' matmuls) and FAISS's
+    OpenMP follow `threads`.
+    """
     import faiss
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
+    # Settable once per process, before any inter-op work; a later call raises and changes nothing.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
     faiss.omp_set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 def resolve_model(settings: Settings) -> tuple[LoadedModel, str | None]:
@@ -84,10 +96,26 @@ def _hub_cache_has(source: ModelSource, cache_dir: Path) -> bool:
 
 
 def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[ImageTower, TextTower]:
+    """The towers of `backend`. An ONNX backend that cannot be exported, verified or loaded falls back to
+    torch with a warning naming the failed step; the towers' `name` then says `torch`."""
     if backend == "torch":
         return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
-    if backend == "torch-bf16":
-        return TorchImageTower(loaded.model, bf16=True), TorchTextTower(loaded.model)
+    if backend in ONNX_BACKENDS:
+        try:
+            from .backends.onnx_backend import load_onnx_towers
+
+            image, text, _ = load_onnx_towers(loaded, backend, settings.data_dir, settings.threads)
+            return image, text
+        except Exception as exc:  # ExportError, or whatever torch.onnx / onnxruntime raised (or a missing import)
+            stage = exc.stage if isinstance(exc, ExportError) else "import"
+            log.warning(
+                "=== BACKEND %s UNAVAILABLE, FALLING BACK TO TORCH === %s failed for %s: %s",
+                backend,
+                stage,
+                loaded.identity.model_id,
+                exc,
+            )
+            return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
     raise EncoderLoadError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
 
 

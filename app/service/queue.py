@@ -2,8 +2,11 @@
 
 One worker thread owns the encoder. It takes the first waiting job, then keeps collecting jobs for up
 to `max_wait_ms` or until `max_batch` images are gathered, encodes them in one call and hands each job
-its rows. Interactive jobs (classify) always go before bulk jobs (task builds), so a big build slows
-classify down by at most one batch. The interactive queue is bounded by images waiting; past it,
+its rows. It only waits while a job is on its way: callers `announce` a job before preparing its pixels
+(decoding), so a lone request is encoded at once instead of idling `max_wait_ms` (measured: 5 ms of a
+15 ms request with the stand-in), while concurrent requests still share a batch. Interactive jobs
+(classify) always go before bulk jobs (task builds), so a big build slows classify down by at most one
+batch. The interactive queue is bounded by images waiting; past it,
 `submit` raises `Busy` with a Retry-After estimated from the measured throughput.
 """
 
@@ -48,6 +51,7 @@ class EncoderQueue:
         self._interactive: collections.deque[_Job] = collections.deque()
         self._bulk: collections.deque[_Job] = collections.deque()
         self._pending_images = 0
+        self._announced = 0  # jobs being prepared (decoded) that will be submitted soon
         self._cond = threading.Condition()
         self._stopping = False
         self._images_per_second = 20.0  # replaced by a moving average once batches run
@@ -68,10 +72,23 @@ class EncoderQueue:
     def pending_images(self) -> int:
         return self._pending_images
 
-    def submit(self, pixels: Pixels, *, bulk: bool = False) -> Future[FloatArray]:
+    def announce(self) -> None:
+        """A job is being prepared: batches wait for it (up to `max_wait_ms`). Follow with
+        `submit(..., announced=True)`, or `withdraw()` if it will not come."""
+        with self._cond:
+            self._announced += 1
+
+    def withdraw(self) -> None:
+        with self._cond:
+            self._announced = max(0, self._announced - 1)
+            self._cond.notify_all()
+
+    def submit(self, pixels: Pixels, *, bulk: bool = False, announced: bool = False) -> Future[FloatArray]:
         """Queue `pixels` for encoding; the future resolves to their L2-normalised features."""
         job = _Job(pixels)
         with self._cond:
+            if announced:
+                self._announced = max(0, self._announced - 1)
             if self._stopping:
                 raise Busy("the service is shutting down", retry_after=5.0)
             if not bulk and self._pending_images + job.size > self._capacity:
@@ -111,7 +128,7 @@ class EncoderQueue:
                     batch.append(job)
                     size += job.size
                     continue
-                if queue:  # the next job doesn't fit: encode what we have
+                if queue or not self._announced:  # the next job doesn't fit, or none is on its way
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

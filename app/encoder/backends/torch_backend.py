@@ -1,4 +1,4 @@
-"""open_clip in eager PyTorch (fp32, or bf16 autocast where the CPU has native bf16)."""
+"""open_clip in eager PyTorch, fp32."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from .base import FloatArray, TokenArray
 
 
 class TorchImageTower:
-    def __init__(self, model: Any, *, bf16: bool = False) -> None:
+    def __init__(self, model: Any) -> None:
         self._model = model
-        self._bf16 = bf16
-        self.name = "torch-bf16" if bf16 else "torch"
+        self.name = "torch"
 
     def __call__(self, pixels: FloatArray) -> FloatArray:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+        with torch.inference_mode():
             features = self._model.encode_image(torch.from_numpy(pixels))
         out: FloatArray = features.float().numpy().astype(np.float32, copy=False)
         return out

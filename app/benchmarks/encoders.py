@@ -1,0 +1,232 @@
+"""Encoder throughput per backend and batch size, and image decoding + preprocessing against it."""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app.encoder.backends.export import compare
+from app.encoder.encoder import Encoder
+from app.encoder.factory import ModelDefaults
+from app.images import ImageLimits, decode_image
+
+from .common import (
+    BACKENDS,
+    BenchConfig,
+    load_bench_model,
+    make_encoder,
+    model_label,
+    per_second,
+    table,
+    time_calls,
+)
+
+log = logging.getLogger(__name__)
+
+
+def real_images(config: BenchConfig, count: int, size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """`count` real test images (cifar10-mini, then textile-defects), resized to `size` if given; random
+    smooth images when the datasets are absent."""
+    paths = sorted((config.datasets / "cifar10-mini" / "test").glob("*/*.jpg"))[::7]
+    paths += sorted((config.datasets / "textile-defects" / "test").glob("*/*.jpg"))[::5]
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        if paths:
+            with Image.open(paths[i * 7 % len(paths)]) as img:
+                image = img.convert("RGB")
+        else:
+            image = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64))
+        out.append(image.resize(size, Image.Resampling.BICUBIC) if size else image)
+    return out
+
+
+def bench_encoders(config: BenchConfig) -> dict[str, Any]:
+    """img/s per (model, backend, batch), text/s, cosine to torch fp32 on real images, export time."""
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"rows": []}
+    for name in config.models:
+        loaded = load_bench_model(name, config)
+        default = ModelDefaults.for_key(loaded.config_key).default_backend
+        probes = None
+        reference = None
+        for backend in BACKENDS:
+            started = time.perf_counter()
+            encoder = make_encoder(loaded, backend, config)
+            prepare = time.perf_counter() - started
+            if probes is None:
+                probes = encoder.preprocessor.eval_pixels(real_images(config, config.probes))
+            features = encoder.encode_pixels(probes)
+            if reference is None:
+                reference = features
+            cosine = compare(features, reference)
+            row: dict[str, Any] = {
+                "model": model_label(loaded),
+                "model_id": loaded.identity.model_id,
+                "dim": loaded.identity.dim,
+                "backend": backend,
+                "used": encoder.backend,
+                "default": backend == default,
+                "prepare_s": prepare,
+                "min_cosine": cosine["min_cosine"],
+                "mean_cosine": cosine["mean_cosine"],
+            }
+            row["img_per_s"], row["text_per_s"] = _speeds(encoder, config, rng)
+            log.info("bench %s %s -> %s: %s img/s", name, backend, encoder.backend, row["img_per_s"])
+            out["rows"].append(row)
+            del encoder
+            gc.collect()
+        del loaded
+        gc.collect()
+    return out
+
+
+def _speeds(encoder: Encoder, config: BenchConfig, rng: np.random.Generator) -> tuple[dict[int, float], float]:
+    """img/s at each batch size (random pixels: speed does not depend on content) and texts/s at the largest batch."""
+    size = encoder.input_size
+    images = {}
+    for batch in config.batches:
+        pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        times = time_calls(
+            lambda p=pixels: encoder.encode_pixels(p),  # type: ignore[misc]
+            min_seconds=config.min_seconds,
+            min_calls=config.min_calls,
+        )
+        images[batch] = per_second(batch, times)
+    prompts = [f"a photo of a {i}-th thing." for i in range(max(config.batches))]
+    times = time_calls(
+        lambda: encoder.encode_texts(prompts), min_seconds=config.min_seconds / 2, min_calls=config.min_calls
+    )
+    return images, per_second(len(prompts), times)
+
+
+def encoder_markdown(result: dict[str, Any], batches: tuple[int, ...]) -> str:
+    rows = []
+    eager: dict[tuple[str, int], float] = {}
+    for r in result["rows"]:
+        if r["backend"] == "torch":
+            for b in batches:
+                eager[(r["model"], b)] = r["img_per_s"][b]
+    for r in result["rows"]:
+        used = r["backend"] if r["used"] == r["backend"] else f"{r['backend']} → {r['used']}"
+        cells: list[object] = [r["model"], used + (" (default)" if r["default"] else "")]
+        for b in batches:
+            ratio = r["img_per_s"][b] / eager[(r["model"], b)]
+            cells.append(f"{r['img_per_s'][b]:.1f} ({ratio:.1f}x)")
+        cells += [f"{r['text_per_s']:.1f}", f"{r['mean_cosine']:.5f} / {r['min_cosine']:.5f}", f"{r['prepare_s']:.1f}"]
+        rows.append(cells)
+    header = [
+        "model",
+        "backend",
+        *[f"img/s batch {b} (x eager fp32)" for b in batches],
+        f"texts/s batch {max(batches)}",
+        "cosine to torch fp32, mean / min (real images)",
+        "load + export s",
+    ]
+    return table(header, rows, "ll" + "r" * (len(header) - 2))
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_inputs(config: BenchConfig) -> dict[str, list[bytes]]:
+    """JPEG files of several sizes; large ones are real images scaled up with mild sensor-like noise."""
+    rng = np.random.default_rng(1)
+    out: dict[str, list[bytes]] = {}
+    small = sorted((config.datasets / "cifar10-mini" / "test").glob("*/*.jpg"))[:16]
+    if small:
+        out["32x32 (cifar10-mini)"] = [p.read_bytes() for p in small]
+    textile = sorted((config.datasets / "textile-defects" / "test").glob("*/*.jpg"))[:16]
+    if textile:
+        out["250x250 (textile-defects)"] = [p.read_bytes() for p in textile]
+    for width, height in ((640, 480), (1920, 1080)):
+        files = []
+        for image in real_images(config, 8, (width, height)):
+            noisy = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3))
+            files.append(jpeg_bytes(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))))
+        out[f"{width}x{height} (scaled-up photo + noise)"] = files
+    return out
+
+
+def bench_decode(config: BenchConfig, input_size: int = 224) -> dict[str, Any]:
+    """ms per image for decode (with `Image.draft`, as the service does) and for the eval preprocessing."""
+    from app.encoder.load import PreprocessConfig
+    from app.encoder.preprocess import Preprocessor
+
+    preprocessor = Preprocessor(PreprocessConfig(input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest"))
+    limits = ImageLimits(max_file_bytes=50 * 1024 * 1024)
+    rows = []
+    for label, files in decode_inputs(config).items():
+        decoded = [decode_image(data, limits, min_decode_side=2 * input_size) for data in files]
+        decode_times = time_calls(
+            lambda f=files: [decode_image(d, limits, min_decode_side=2 * input_size) for d in f],  # type: ignore[misc]
+            min_seconds=config.min_seconds / 3,
+            min_calls=2,
+        )
+        pre_times = time_calls(
+            lambda d=decoded: preprocessor.eval_pixels(d),  # type: ignore[misc]
+            min_seconds=config.min_seconds / 3,
+            min_calls=2,
+        )
+        rows.append(
+            {
+                "input": label,
+                "decoded_size": f"{decoded[0].size[0]}x{decoded[0].size[1]}",
+                "kb": sum(len(f) for f in files) / len(files) / 1024,
+                "decode_ms": 1000 / per_second(len(files), decode_times),
+                "preprocess_ms": 1000 / per_second(len(files), pre_times),
+            }
+        )
+    return {"rows": rows, "input_size": input_size}
+
+
+def decode_markdown(result: dict[str, Any], encoder: dict[str, Any] | None) -> str:
+    """The decode table, with the default backends' encoder ms/image beside it."""
+    rows = [
+        [
+            r["input"],
+            f"{r['kb']:.0f}",
+            r["decoded_size"],
+            f"{r['decode_ms']:.2f}",
+            f"{r['preprocess_ms']:.2f}",
+            f"{r['decode_ms'] + r['preprocess_ms']:.2f}",
+        ]
+        for r in result["rows"]
+    ]
+    text = table(["input JPEG", "KB", "decoded at (draft)", "decode ms/img", "preprocess ms/img", "total ms/img"], rows)
+    if encoder:
+        lines = []
+        for r in encoder["rows"]:
+            if r["default"]:
+                per_image = {b: 1000 / v for b, v in r["img_per_s"].items()}
+                cells = ", ".join(f"{v:.1f} ms at batch {b}" for b, v in per_image.items())
+                lines.append(f"- encoder time per image, {r['model']} with its default `{r['used']}`: {cells}")
+        text += "\n\n" + "\n".join(lines)
+    return text
+
+
+def default_rate(encoder: dict[str, Any] | None, model_prefix: str, batch: int) -> float | None:
+    """Raw img/s of a model's default backend at `batch`, from the encoder section."""
+    for r in (encoder or {}).get("rows", []):
+        if r["default"] and r["model"].startswith(model_prefix) and batch in r["img_per_s"]:
+            return float(r["img_per_s"][batch])
+    return None
+
+
+def paths_of(config: BenchConfig, split: str, per_class: int) -> list[tuple[Path, str]]:
+    root = config.datasets / "cifar10-mini" / split
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        out += [(p, folder.name) for p in sorted(folder.glob("*.jpg"))[:per_class]]
+    return out

@@ -1,0 +1,333 @@
+"""The real service over HTTP: `shotcache serve` in a subprocess, driven by httpx threads.
+
+Per server (model x backend): task build time per shot, classify throughput and p50/p99 latency at
+concurrency 1 and 8 (one image per request), the share of the server-side request time spent outside the
+encoder (from /metrics), the mean encoder batch, and the server's peak RSS (VmHWM). The load generator runs
+on the same cores as the server; its cost (~1 ms of CPU per request) is part of the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from app.encoder.standin import standin_dir
+
+from .common import VIT_NAME, BenchConfig, percentile, random_weights, table
+from .encoders import default_rate, jpeg_bytes
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 600.0  # a first start may export the model
+CLASSIFY_ROUTE = "/v1/tasks/{task_id}/classify"
+# Label values may hold braces (route="/v1/tasks/{task_id}/classify"): the label set ends at the last "}".
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(client: httpx.Client) -> dict[str, float]:
+    """Every sample of /metrics, keyed `name{labels}`."""
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        match = _METRIC.match(line)
+        if match and not line.startswith("#"):
+            out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return out
+
+
+def _sample(metrics: dict[str, float], name: str, route: str | None = None) -> float:
+    total = 0.0
+    for key, value in metrics.items():
+        if key == name or (key.startswith(name + "{") and (route is None or f'route="{route}"' in key)):
+            total += value
+    return total
+
+
+def peak_rss_mb(pid: int) -> dict[str, float]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+class Server:
+    """`shotcache serve` on a fresh data dir that links the bench data dir's model and export cache."""
+
+    def __init__(self, config: BenchConfig, model: str, backend: str) -> None:
+        self.config = config
+        self.model = model
+        self.backend = backend
+        root = config.data_dir / "bench"
+        root.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="serve-", dir=root))
+        data = self.folder / "data"
+        data.mkdir()
+        exports = (config.data_dir / "exports").resolve()
+        exports.mkdir(parents=True, exist_ok=True)
+        (data / "exports").symlink_to(exports, target_is_directory=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
+        env.update(SHOTCACHE_THREADS=str(config.threads), SHOTCACHE_BACKEND=backend, SHOTCACHE_MAX_CREATE_FILES="4096")
+        if model == "offline":
+            link = standin_dir(data)
+            link.parent.mkdir(parents=True)
+            link.symlink_to(standin_dir(config.data_dir).resolve(), target_is_directory=True)
+        else:
+            env["SHOTCACHE_PRETRAINED"] = str(random_weights(model, config.data_dir).resolve())
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.folder / "server.log"
+        command = [sys.executable, "-m", "app.cli", "serve", "--model", model, "--data-dir", str(data)]
+        with self.log_path.open("wb") as handle:
+            self.process = subprocess.Popen(
+                [*command, "--port", str(self.port)], env=env, stdout=handle, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self) -> float:
+        started = time.monotonic()
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            if time.monotonic() - started > READY_TIMEOUT:
+                raise RuntimeError(f"server not ready after {READY_TIMEOUT} s:\n{self.log_path.read_text()}")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def shots_and_probes(config: BenchConfig, shots: int) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """(label, JPEG) shots, `shots` per class of cifar10-mini train, and its test JPEGs as probes; synthetic
+    coloured images in 10 classes when the dataset is absent."""
+    train = config.datasets / "cifar10-mini" / "train"
+    test = config.datasets / "cifar10-mini" / "test"
+    if train.is_dir() and test.is_dir():
+        pairs = [
+            (folder.name, p.read_bytes())
+            for folder in sorted(d for d in train.iterdir() if d.is_dir())
+            for p in sorted(folder.glob("*.jpg"))[:shots]
+        ]
+        probes = [p.read_bytes() for p in sorted(test.glob("*/*.jpg"))[::10]]
+        return pairs, probes
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 255, (10, 3))
+    pairs = []
+    for label, colour in enumerate(colours):
+        for _ in range(shots):
+            pixels = np.clip(colour + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            pairs.append((f"class {label}", jpeg_bytes(_image(pixels))))
+    return pairs, [data for _, data in pairs[::3]]
+
+
+def _image(pixels: Any) -> Any:
+    from PIL import Image
+
+    return Image.fromarray(pixels)
+
+
+def drive(base: str, task_id: str, probes: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    """`concurrency` threads each POSTing one-image classify requests back to back for `seconds`."""
+    latencies: list[float] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+    deadline = [0.0]
+    start_barrier = threading.Barrier(concurrency + 1)
+
+    def worker(offset: int) -> None:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            url = f"/v1/tasks/{task_id}/classify"
+            i = offset
+            for _ in range(2):  # warm-up: connection and the first batch
+                client.post(url, files=[("images", ("probe.jpg", probes[i % len(probes)], "image/jpeg"))])
+            start_barrier.wait()
+            while time.perf_counter() < deadline[0]:
+                i += concurrency
+                t0 = time.perf_counter()
+                response = client.post(url, files=[("images", ("probe.jpg", probes[i % len(probes)], "image/jpeg"))])
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    (
+                        latencies.append(elapsed)
+                        if response.status_code == 200
+                        else failures.append(response.status_code)
+                    )
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        deadline[0] = time.perf_counter() + 3600  # set for real once every worker is warm
+        start_barrier.wait()
+        before = scrape(client)
+        started = time.perf_counter()
+        deadline[0] = started + seconds
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        after = scrape(client)
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    encode_sum = _sample(delta, "shotcache_encode_seconds_sum")
+    encode_calls = _sample(delta, "shotcache_encode_seconds_count")
+    request_sum = _sample(delta, "shotcache_http_request_seconds_sum", CLASSIFY_ROUTE)
+    request_count = _sample(delta, "shotcache_http_request_seconds_count", CLASSIFY_ROUTE)
+    batch_images = _sample(delta, "shotcache_encode_batch_images_sum")
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "failures": len(failures),
+        "throughput": len(latencies) / wall,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "mean_ms": 1000 * float(np.mean(latencies)) if latencies else float("nan"),
+        "server_request_ms": 1000 * request_sum / max(request_count, 1),
+        "encode_call_ms": 1000 * encode_sum / max(encode_calls, 1),
+        "mean_batch": batch_images / max(encode_calls, 1),
+        # Share of the server's request time not spent in an encoder call (the warm-up excluded).
+        "outside_share": 1 - encode_sum / request_sum if request_sum > 0 else float("nan"),
+    }
+
+
+def bench_server(config: BenchConfig, model: str, backend: str, encoder: dict[str, Any] | None) -> dict[str, Any]:
+    shots_per_class = 4 if config.quick else 16
+    server = Server(config, model, backend)
+    try:
+        ready_s = server.wait_ready()
+        with httpx.Client(base_url=server.base, timeout=600) as client:
+            info = client.get("/v1/info").json()["model"]
+            shots, probes = shots_and_probes(config, shots_per_class)
+            files = [("images", (f"shot{i}.jpg", data, "image/jpeg")) for i, (_, data) in enumerate(shots)]
+            started = time.perf_counter()
+            response = client.post("/v1/tasks", files=files, data={"labels": [label for label, _ in shots]})
+            build_s = time.perf_counter() - started
+            response.raise_for_status()
+            task = response.json()
+        runs = [drive(server.base, task["id"], probes, c, config.serve_seconds) for c in (1, 8)]
+        memory = peak_rss_mb(server.process.pid)
+    finally:
+        server.stop()
+    label = "offline" if model == "offline" else VIT_NAME
+    for run in runs:
+        raw = default_rate(encoder, "offline-standin" if label == "offline" else label, min(run["concurrency"], 32))
+        used_is_default = backend == "auto"
+        run["raw_img_per_s"] = raw if used_is_default else None
+        run["served_vs_raw"] = run["throughput"] / raw if raw and used_is_default else None
+    return {
+        "model": info["name"] + (" (random init)" if "random-init" in str(info.get("pretrained")) else ""),
+        "backend": backend,
+        "used": info["backend"],
+        "ready_s": ready_s,
+        "shots": len(shots),
+        "classes": len({label for label, _ in shots}),
+        "build_s": build_s,
+        "build_ms_per_shot": 1000 * build_s / len(shots),
+        "method": task.get("method"),
+        "runs": runs,
+        "peak_rss_mb": memory.get("VmHWM", float("nan")),
+    }
+
+
+def bench_served(config: BenchConfig, encoder: dict[str, Any] | None) -> dict[str, Any]:
+    plan = [("offline", "auto"), ("offline", "torch")]
+    if VIT_NAME in config.models and not config.quick:
+        plan.append((VIT_NAME, "auto"))
+    if config.quick:
+        plan = plan[:1]
+    rows = []
+    for model, backend in plan:
+        log.info("bench: serving %s with backend %s", model, backend)
+        rows.append(bench_server(config, model, backend, encoder))
+    return {"rows": rows}
+
+
+def served_markdown(result: dict[str, Any]) -> str:
+    rows = []
+    for r in result["rows"]:
+        for run in r["runs"]:
+            vs_raw = f"{100 * run['served_vs_raw']:.0f}%" if run["served_vs_raw"] else "n/a"
+            rows.append(
+                [
+                    r["model"],
+                    f"{r['backend']} → {r['used']}",
+                    run["concurrency"],
+                    f"{run['throughput']:.1f}",
+                    vs_raw,
+                    f"{run['p50_ms']:.1f}",
+                    f"{run['p99_ms']:.1f}",
+                    f"{run['server_request_ms']:.1f}",
+                    f"{run['encode_call_ms']:.1f}",
+                    f"{100 * run['outside_share']:.0f}%",
+                    f"{run['mean_batch']:.1f}",
+                    run["failures"],
+                ]
+            )
+    served = table(
+        [
+            "model",
+            "backend",
+            "clients",
+            "img/s",
+            "of raw encoder",
+            "p50 ms",
+            "p99 ms",
+            "server ms/request",
+            "encoder ms/call",
+            "outside encoder",
+            "images/encoder call",
+            "errors",
+        ],
+        rows,
+        "ll" + "r" * 10,
+    )
+    build_rows = [
+        [
+            r["model"],
+            f"{r['backend']} → {r['used']}",
+            f"{r['classes']} x {r['shots'] // max(r['classes'], 1)}",
+            f"{r['build_s']:.2f}",
+            f"{r['build_ms_per_shot']:.1f}",
+            r["method"],
+            f"{r['ready_s']:.1f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for r in result["rows"]
+    ]
+    builds = table(
+        ["model", "backend", "classes x shots", "task build s", "build ms/shot", "method", "start s", "peak RSS MB"],
+        build_rows,
+        "llrrrlrr",
+    )
+    return served + "\n\n" + builds

@@ -1,0 +1,391 @@
+"""Export a model's towers to ONNX once, verify them against torch, and cache them on disk.
+
+Layout: `<data_dir>/exports/<model key>/<backend>/{manifest.json, image.onnx, text.onnx}`, where the model key
+is the identity's `model_id` (name, pretrained tag, weights hash) made path-safe, and the manifest repeats the
+full weights hash, the format version and each file's SHA-256. A folder is used only if all of those match;
+anything else (a truncated file, a foreign model, an older format) is exported again.
+
+Concurrent first starts: a lock file per (model, backend) serialises exporters; each export is written into a
+temporary folder and renamed into place, so a reader never sees half a folder.
+
+`onnx`: both towers in fp32. `onnx-int8`: ONNX Runtime dynamic quantization (int8 weights, activations
+quantized per call) of MatMul/Gemm only. Convolutions stay fp32: ORT's ConvInteger ran ~10x slower than its
+fp32 convolution on the reference CPU. A quantized tower must stay within `INT8_MIN_COSINE` of torch; a text
+tower that does not (MiniLM, the stand-in's) keeps its fp32 export, an image tower that does not fails the
+backend (the factory then falls back to torch).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from ..load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1  # bump when the export recipe changes: older folders are then exported again
+ONNX_BACKENDS = ("onnx", "onnx-int8")
+MANIFEST = "manifest.json"
+QUANTIZED_OPS = ("MatMul", "Gemm")
+# Export checks on fixed inputs. fp32 is the same arithmetic reordered: anything below this is a broken
+# export. int8 is judged by the direction of the features (what the cache methods use).
+FP32_MIN_COSINE = 0.9999
+FP32_MAX_REL_ERROR = 1e-3  # max |onnx - torch| / max |torch|
+INT8_MIN_COSINE = 0.99
+CHECK_PROMPTS = (
+    "a photo of a dog.",
+    "a photo of a red sports car.",
+    "a close-up photo of a scratched metal surface.",
+    "an aerial photo of a harbour with many small boats.",
+)
+INPUT_NAMES = {"image": "pixels", "text": "tokens"}
+
+Tower = Literal["image", "text"]
+FloatArray = npt.NDArray[np.float32]
+
+_exports_made = 0  # exports run by this process (tests read it to prove the cache is reused)
+_verified: dict[tuple[str, str], Path] = {}  # (weights sha, backend) -> a folder this process has verified
+_verified_lock = threading.Lock()
+
+
+class ExportError(RuntimeError):
+    """The ONNX backend could not be prepared; `stage` names the step (export, verify, quantize, load)."""
+
+    def __init__(self, stage: str, detail: str) -> None:
+        self.stage = stage
+        self.detail = detail
+        super().__init__(f"{stage}: {detail}")
+
+
+@dataclass(frozen=True)
+class TowerExport:
+    path: Path
+    precision: str  # "fp32" or "int8"
+    check: dict[str, float]  # min_cosine, mean_cosine, max_abs_diff against torch at export time
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Export:
+    backend: str
+    folder: Path
+    image: TowerExport
+    text: TowerExport
+
+
+def exports_made() -> int:
+    return _exports_made
+
+
+def model_key(loaded: LoadedModel) -> str:
+    return re.sub(r"[^A-Za-z0-9._@+-]+", "_", loaded.identity.model_id)
+
+
+def export_dir(loaded: LoadedModel, backend: str, data_dir: Path) -> Path:
+    return data_dir / "exports" / model_key(loaded) / backend
+
+
+def ensure_export(loaded: LoadedModel, backend: str, data_dir: Path, *, threads: int = 1) -> Export:
+    """The verified export of `loaded` for `backend`, made now if the cache lacks a valid one."""
+    if backend not in ONNX_BACKENDS:
+        raise ExportError("resolve", f"{backend!r} is not an ONNX backend ({', '.join(ONNX_BACKENDS)})")
+    folder = export_dir(loaded, backend, data_dir)
+    found = _read_valid(folder, loaded)
+    if isinstance(found, Export):
+        return _remember(loaded, found)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder.parent / f".{backend}.lock"):
+        found = _read_valid(folder, loaded)  # another process may have made it while we waited
+        if isinstance(found, Export):
+            return _remember(loaded, found)
+        if folder.exists():
+            log.warning("cached %s export at %s is unusable (%s): exporting again", backend, folder, found)
+        if _copy_verified(loaded, backend, folder):
+            copied = _read_valid(folder, loaded)
+            if isinstance(copied, Export):
+                return _remember(loaded, copied)
+        return _remember(loaded, _build(loaded, backend, data_dir, folder, threads))
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+def _read_valid(folder: Path, loaded: LoadedModel) -> Export | str:
+    """The export in `folder` if complete and intact for this model, else why not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest: {exc}"
+    try:
+        if manifest["format"] != EXPORT_FORMAT:
+            return f"format {manifest['format']} is not {EXPORT_FORMAT}"
+        if manifest["weights_sha256"] != loaded.identity.weights_sha256:
+            return "it was exported from other weights"
+        towers = {}
+        for tower in ("image", "text"):
+            entry = manifest["towers"][tower]
+            path = folder / entry["file"]
+            if not path.is_file():
+                return f"{path.name} is missing"
+            if _sha256(path) != entry["sha256"]:
+                return f"{path.name} does not match its checksum"
+            towers[tower] = TowerExport(path, entry["precision"], dict(entry["check"]), entry.get("note"))
+        return Export(manifest["backend"], folder, towers["image"], towers["text"])
+    except (KeyError, TypeError) as exc:
+        return f"incomplete manifest: {exc!r}"
+
+
+def _remember(loaded: LoadedModel, found: Export) -> Export:
+    with _verified_lock:
+        _verified[(loaded.identity.weights_sha256, found.backend)] = found.folder
+    return found
+
+
+def _copy_verified(loaded: LoadedModel, backend: str, folder: Path) -> bool:
+    """Copy an export this process already verified for the same weights (another data dir) into `folder`.
+
+    The same identity gives the same export, so several services in one process (tests) export once."""
+    with _verified_lock:
+        source = _verified.get((loaded.identity.weights_sha256, backend))
+    if source is None or source == folder or not isinstance(_read_valid(source, loaded), Export):
+        return False
+    tmp = Path(tempfile.mkdtemp(prefix=f".{backend}-", dir=folder.parent))
+    try:
+        for item in source.iterdir():
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        _install(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not copy the export in %s: %s", source, exc)
+        return False
+    log.info("reused the %s export of %s from %s", backend, loaded.identity.model_id, source)
+    return True
+
+
+def _install(tmp: Path, folder: Path) -> None:
+    """Rename the finished `tmp` folder to `folder`, replacing (and deleting) an unusable one."""
+    tmp.chmod(0o755)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}-old-{os.getpid()}-{threading.get_ident()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- building -----------------------------------------------------------------------------------
+def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, threads: int) -> Export:
+    global _exports_made
+    tmp = Path(tempfile.mkdtemp(prefix=f".{backend}-", dir=folder.parent))
+    try:
+        towers: dict[str, TowerExport] = {}
+        if backend == "onnx":
+            for tower in ("image", "text"):
+                towers[tower] = _export_fp32(loaded, tower, tmp / f"{tower}.onnx", threads)
+        else:
+            fp32 = ensure_export(loaded, "onnx", data_dir, threads=threads)
+            towers["image"] = _quantize(loaded, "image", fp32.image, tmp / "image.onnx", threads, required=True)
+            towers["text"] = _quantize(loaded, "text", fp32.text, tmp / "text.onnx", threads, required=False)
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "backend": backend,
+            "model_id": loaded.identity.model_id,
+            "weights_sha256": loaded.identity.weights_sha256,
+            "versions": _versions(),
+            "towers": {
+                name: {
+                    "file": t.path.name,
+                    "sha256": _sha256(t.path),
+                    "precision": t.precision,
+                    "check": t.check,
+                    "note": t.note,
+                }
+                for name, t in towers.items()
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for item in tmp.iterdir():
+            item.chmod(0o644)
+        _install(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _exports_made += 1
+    summary = ", ".join(f"{n} {t.precision} (min cosine {t.check['min_cosine']:.5f})" for n, t in towers.items())
+    log.info("exported %s for %s to %s: %s", backend, loaded.identity.model_id, folder, summary)
+    found = _read_valid(folder, loaded)
+    if not isinstance(found, Export):
+        raise ExportError("install", f"the export written to {folder} does not read back: {found}")
+    return found
+
+
+def _export_fp32(loaded: LoadedModel, tower: Tower, path: Path, threads: int) -> TowerExport:
+    module = _TowerModule(loaded.model, tower).eval()
+    example = torch.from_numpy(_check_inputs(loaded, tower)[:2])
+    name = INPUT_NAMES[tower]
+    errors = []
+    options: dict[str, dict[str, Any]] = {
+        "dynamo": {"external_data": False, "dynamic_shapes": {"inputs": {0: torch.export.Dim("batch", min=1)}}},
+        "torchscript": {"dynamic_axes": {name: {0: "batch"}, "features": {0: "batch"}}, "opset_version": 17},
+    }
+    for exporter, extra in options.items():
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+                warnings.simplefilter("ignore")  # the exporters warn about deprecations and tracing details
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(path),
+                    dynamo=exporter == "dynamo",
+                    input_names=[name],
+                    output_names=["features"],
+                    **extra,
+                )
+            check = verify(loaded, tower, path, threads)
+        except Exception as exc:  # every exporter fails differently; the next one gets its chance
+            errors.append(f"{exporter} exporter: {type(exc).__name__}: {str(exc)[:300]}")
+            log.info("ONNX export of the %s tower with the %s exporter failed: %s", tower, exporter, errors[-1])
+            continue
+        if check["min_cosine"] >= FP32_MIN_COSINE and check["max_rel_error"] <= FP32_MAX_REL_ERROR:
+            return TowerExport(path, "fp32", check, f"{exporter} exporter")
+        errors.append(f"{exporter} exporter: output differs from torch ({_describe(check)})")
+    raise ExportError(f"export {tower} tower", "; ".join(errors))
+
+
+def _quantize(
+    loaded: LoadedModel, tower: Tower, fp32: TowerExport, path: Path, threads: int, *, required: bool
+) -> TowerExport:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        with _quiet_root_logger():
+            quantize_dynamic(fp32.path, path, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
+        quantized_nodes = sum(
+            n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in onnx.load(path).graph.node
+        )
+        check = verify(loaded, tower, path, threads)
+    except Exception as exc:
+        raise ExportError(f"quantize {tower} tower", f"{type(exc).__name__}: {exc}") from exc
+    if quantized_nodes == 0:
+        shutil.copyfile(fp32.path, path)
+        return TowerExport(path, "fp32", fp32.check, f"no {'/'.join(QUANTIZED_OPS)} to quantize: runs fp32")
+    if check["min_cosine"] >= INT8_MIN_COSINE:
+        return TowerExport(path, "int8", check)
+    problem = f"int8 {tower} tower is too far from torch ({_describe(check)}; bound {INT8_MIN_COSINE})"
+    if required:
+        raise ExportError(f"verify int8 {tower} tower", problem)
+    log.info("%s: keeping the fp32 %s tower", problem, tower)
+    shutil.copyfile(fp32.path, path)
+    return TowerExport(path, "fp32", fp32.check, f"int8 rejected: {_describe(check)}")
+
+
+def verify(loaded: LoadedModel, tower: Tower, path: Path, threads: int) -> dict[str, float]:
+    """Cosine and absolute difference between the ONNX file's and torch's features on fixed inputs."""
+    from .onnx_backend import make_session
+
+    inputs = _check_inputs(loaded, tower)
+    session = make_session(path, threads)
+    got = np.concatenate([session.run(None, {INPUT_NAMES[tower]: inputs[i : i + 3]})[0] for i in (0, 3)])
+    with torch.inference_mode():
+        want = _TowerModule(loaded.model, tower)(torch.from_numpy(inputs)).float().numpy()
+    return compare(np.asarray(got, dtype=np.float32), want)
+
+
+def compare(got: FloatArray, want: FloatArray) -> dict[str, float]:
+    cos = np.sum(got * want, axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
+    diff = float(np.abs(got - want).max())
+    return {
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_diff": diff,
+        "max_rel_error": diff / max(float(np.abs(want).max()), 1e-12),
+    }
+
+
+def _check_inputs(loaded: LoadedModel, tower: Tower) -> Any:
+    """Four fixed inputs: normalised-pixel-like noise for images, fixed prompts for text."""
+    if tower == "image":
+        size = loaded.preprocess.size
+        rng = np.random.default_rng(1234)
+        return rng.standard_normal((4, 3, size, size)).astype(np.float32)
+    return np.ascontiguousarray(loaded.tokenizer(list(CHECK_PROMPTS)).numpy(), dtype=np.int64)
+
+
+def _describe(check: dict[str, float]) -> str:
+    return f"min cosine {check['min_cosine']:.5f}, max abs diff {check['max_abs_diff']:.3g}"
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """quantize_dynamic logs a generic 'consider pre-processing' warning on the root logger every time."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+class _TowerModule(torch.nn.Module):
+    """One tower of an open_clip model as a module with one tensor in and one out (what ONNX exports)."""
+
+    def __init__(self, model: Any, tower: Tower) -> None:
+        super().__init__()
+        self.model = model
+        self.tower = tower
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model.encode_image(inputs) if self.tower == "image" else self.model.encode_text(inputs)
+        return out

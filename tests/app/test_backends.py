@@ -1,0 +1,282 @@
+"""Encoder backends: ONNX Runtime exports close to torch, cached on disk once per model identity, re-exported when
+damaged, falling back to torch when they cannot be had; explicit thread settings; `auto` from models.json.
+
+Most cache behaviour runs on a tiny two-tower model (exports in about a second); closeness to torch runs on the
+real stand-in with real images (its export is cached under the test data dir and reused across runs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.encoder import create_encoder
+from app.encoder.backends import export
+from app.encoder.backends.onnx_backend import OnnxTower, load_onnx_towers
+from app.encoder.encoder import Encoder
+from app.encoder.factory import ModelDefaults, make_towers
+from app.encoder.load import LoadedModel, ModelIdentity, PreprocessConfig, weights_sha256
+from app.settings import Settings
+from tests.conftest import dataset_dir
+
+# Measured on the stand-in with 24 real images (cifar10-mini + textile-defects): onnx vs torch fp32 mean and min
+# cosine 1.00000 (max abs diff ~4e-6); the stand-in's onnx-int8 is the same fp32 graph. The bounds leave room
+# for other CPUs' kernels, and are still far tighter than anything a broken export gives.
+ONNX_MEAN_COSINE = 0.9999
+ONNX_MIN_COSINE = 0.999
+
+
+class Tiny(torch.nn.Module):
+    """Two towers in a dozen parameters: a conv + linear image tower and an embedding + linear text tower."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.proj = torch.nn.Linear(8, 16)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.text_proj = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.conv(x)).mean((2, 3)))  # type: ignore[no-any-return]
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.emb(tokens).mean(1))  # type: ignore[no-any-return]
+
+
+def tiny_tokenizer(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[ord(c) % 50 for c in f"{t:<12}"[:12]] for t in texts], dtype=torch.int64)
+
+
+def tiny_model(seed: int = 0) -> LoadedModel:
+    model = Tiny(seed).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    identity = ModelIdentity("tiny", None, weights_sha256(model), 16)
+    preprocess = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest")
+    return LoadedModel(model, tiny_tokenizer, preprocess, identity, 10.0, "*")
+
+
+def tiny_encoder(loaded: LoadedModel, backend: str, data_dir: Path) -> Encoder:
+    image, text = make_towers(loaded, backend, Settings(data_dir=data_dir, threads=2))
+    return Encoder(loaded, image, text, batch_size=8, templates=["a {}."], default_backend="onnx")
+
+
+# ---- closeness to torch (the real stand-in) -----------------------------------------------------------------
+def real_images() -> list[Image.Image]:
+    paths = sorted((dataset_dir("cifar10-mini") / "test").glob("*/*.jpg"))[::25]
+    paths += sorted((dataset_dir("textile-defects") / "test").glob("*/*.jpg"))[::45]
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_onnx_features_match_torch_on_real_images(encoder: Encoder, model_data_dir: Path, backend: str) -> None:
+    settings = Settings(model="offline", data_dir=model_data_dir, threads=2)
+    torch_image, torch_text = make_towers(encoder.loaded, "torch", settings)
+    image, text = make_towers(encoder.loaded, backend, settings)
+    # The stand-in's image tower has no MatMul to quantize and its int8 text tower fails the export check:
+    # both backends run fp32 graphs, and say so.
+    assert image.name == "onnx"
+    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=["a {}."], default_backend="")
+    candidate = Encoder(encoder.loaded, image, text, batch_size=8, templates=["a {}."], default_backend="")
+    images = real_images()
+    assert len(images) >= 20
+    cosine = np.sum(reference.encode_images(images) * candidate.encode_images(images), axis=1)
+    assert cosine.mean() >= ONNX_MEAN_COSINE
+    assert cosine.min() >= ONNX_MIN_COSINE
+    prompts = ["a photo of a cat.", "a photo of a truck.", "a close-up photo of a fabric defect."]
+    text_cosine = np.sum(reference.encode_texts(prompts) * candidate.encode_texts(prompts), axis=1)
+    assert text_cosine.min() >= ONNX_MIN_COSINE
+
+
+def test_auto_takes_the_models_json_default(encoder: Encoder) -> None:
+    # The session encoder is built with SHOTCACHE_BACKEND unset, i.e. `auto`.
+    assert encoder.backend == ModelDefaults.for_key("offline-standin").default_backend == "onnx"
+    assert ModelDefaults.for_key("ViT-B-32").default_backend == "onnx-int8"
+
+
+def test_auto_follows_the_file(model_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ModelDefaults.for_key
+
+    def patched(key: str) -> ModelDefaults:
+        defaults = real(key)
+        return ModelDefaults(defaults.templates, "torch", defaults.default_method)
+
+    monkeypatch.setattr(ModelDefaults, "for_key", staticmethod(patched))
+    encoder, _ = create_encoder(Settings(model="offline", backend="auto", data_dir=model_data_dir, threads=2))
+    assert encoder.backend == "torch"
+
+
+# ---- the export cache (tiny model) --------------------------------------------------------------------------
+def test_export_is_reused_and_keyed_by_model_identity(tmp_path: Path) -> None:
+    loaded = tiny_model(0)
+    before = export.exports_made()
+    first = export.ensure_export(loaded, "onnx", tmp_path)
+    assert export.exports_made() == before + 1
+    assert first.folder == tmp_path / "exports" / loaded.identity.model_id.replace("/", "_") / "onnx"
+    stamp = (first.folder / export.MANIFEST).stat().st_mtime_ns
+    again = export.ensure_export(loaded, "onnx", tmp_path)  # a second start
+    assert export.exports_made() == before + 1
+    assert again.image.path == first.image.path
+    assert (first.folder / export.MANIFEST).stat().st_mtime_ns == stamp
+    other = tiny_model(1)  # other weights: another identity, another export
+    assert other.identity.model_id != loaded.identity.model_id
+    assert export.ensure_export(other, "onnx", tmp_path).folder != first.folder
+    assert export.exports_made() == before + 2
+    manifest = json.loads((first.folder / export.MANIFEST).read_text())
+    assert manifest["weights_sha256"] == loaded.identity.weights_sha256
+
+
+def test_int8_export_quantizes_matmuls_and_stays_close(tmp_path: Path) -> None:
+    loaded = tiny_model(0)
+    encoder = tiny_encoder(loaded, "onnx-int8", tmp_path)
+    assert encoder.backend == "onnx-int8"
+    found = export.ensure_export(loaded, "onnx-int8", tmp_path)
+    assert found.image.precision == "int8"
+    assert found.image.check["min_cosine"] >= export.INT8_MIN_COSINE
+    reference = tiny_encoder(loaded, "torch", tmp_path)
+    pixels = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    cosine = np.sum(reference.encode_pixels(pixels) * encoder.encode_pixels(pixels), axis=1)
+    assert cosine.min() >= export.INT8_MIN_COSINE
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_damaged_export_is_detected_and_redone(tmp_path: Path, damage: str) -> None:
+    loaded = tiny_model(0)
+    first = export.ensure_export(loaded, "onnx", tmp_path)
+    target = first.image.path
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:1000])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        (first.folder / export.MANIFEST).write_text("{not json")
+    before = export.exports_made()
+    image, _, again = load_onnx_towers(loaded, "onnx", tmp_path, 1)
+    assert export.exports_made() == before + 1
+    assert not isinstance(export._read_valid(again.folder, loaded), str)
+    assert image(np.zeros((1, 3, 16, 16), dtype=np.float32)).shape == (1, 16)
+
+
+def test_a_second_data_dir_copies_this_process_export(tmp_path: Path) -> None:
+    loaded = tiny_model(2)
+    export.ensure_export(loaded, "onnx", tmp_path / "a")
+    before = export.exports_made()
+    copied = export.ensure_export(loaded, "onnx", tmp_path / "b")
+    assert export.exports_made() == before
+    assert copied.folder.is_relative_to(tmp_path / "b")
+
+
+def test_concurrent_first_starts_export_once(tmp_path: Path) -> None:
+    loaded = tiny_model(3)
+    before = export.exports_made()
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            results.append(export.ensure_export(loaded, "onnx", tmp_path))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert export.exports_made() == before + 1
+    assert len({r.folder for r in results}) == 1
+    leftovers = [p.name for p in results[0].folder.parent.iterdir() if p.name.startswith(".onnx-")]
+    assert leftovers == []  # no temporary folder left behind
+
+
+# ---- falling back to torch ----------------------------------------------------------------------------------
+def test_failing_export_falls_back_to_torch_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise export.ExportError("export image tower", "the exporter met an unsupported operator")
+
+    monkeypatch.setattr(export, "_export_fp32", broken)
+    with caplog.at_level(logging.WARNING, logger="app.encoder.factory"):
+        encoder = tiny_encoder(tiny_model(4), "onnx", tmp_path)
+    assert encoder.backend == "torch"
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "FALLING BACK TO TORCH" in warning
+    assert "export image tower" in warning
+    assert "unsupported operator" in warning
+    assert encoder.encode_pixels(np.zeros((1, 3, 16, 16), dtype=np.float32)).shape == (1, 16)
+
+
+def test_an_export_that_differs_from_torch_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def off(*args: Any, **kwargs: Any) -> dict[str, float]:
+        return {"min_cosine": 0.5, "mean_cosine": 0.7, "max_abs_diff": 3.0, "max_rel_error": 1.0}
+
+    monkeypatch.setattr(export, "verify", off)
+    with caplog.at_level(logging.WARNING, logger="app.encoder.factory"):
+        encoder = tiny_encoder(tiny_model(5), "onnx", tmp_path)
+    assert encoder.backend == "torch"
+    assert "differs from torch" in caplog.text
+    assert not (tmp_path / "exports" / tiny_model(5).identity.model_id / "onnx").exists()
+
+
+def test_a_full_start_reports_the_backend_really_used(
+    model_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise export.ExportError("load", "ONNX Runtime could not load the model")
+
+    monkeypatch.setattr("app.encoder.backends.onnx_backend.ensure_export", unavailable)
+    data_dir = tmp_path / "data"
+    (data_dir / "models").mkdir(parents=True)
+    (data_dir / "models" / "offline-standin").symlink_to(model_data_dir / "models" / "offline-standin")
+    encoder, _ = create_encoder(Settings(model="offline", backend="onnx", data_dir=data_dir, threads=2))
+    assert encoder.backend == "torch"
+
+
+# ---- threads ------------------------------------------------------------------------------------------------
+def test_thread_settings_are_applied(tmp_path: Path) -> None:
+    # In a fresh interpreter, as at service start: other tests' libraries and thread pools stay out of it.
+    script = (
+        "import json, faiss, torch\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from app.encoder.factory import configure_threads\n"
+        "configure_threads(1)\n"
+        "print(json.dumps({'torch': torch.get_num_threads(), 'interop': torch.get_num_interop_threads(),\n"
+        "    'faiss': faiss.omp_get_max_threads(),\n"
+        "    'pools': [p['num_threads'] for p in threadpool_info() if p['user_api'] in ('blas', 'openmp')]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["torch"] == found["interop"] == found["faiss"] == 1
+    assert found["pools"]
+    assert set(found["pools"]) == {1}
+    image, text = make_towers(tiny_model(0), "onnx", Settings(data_dir=tmp_path, threads=3))
+    for tower in (image, text):
+        assert isinstance(tower, OnnxTower)
+        options = tower.session_options
+        assert options.intra_op_num_threads == 3
+        assert options.inter_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -1,0 +1,164 @@
+"""`shotcache bench` code paths at tiny sizes: every section runs and reports, the doc section is rewritten in
+place between its markers. No timing is asserted: the numbers depend on the machine."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.benchmarks import report
+from app.benchmarks.accuracy import bench_accuracy, bench_cache_cost, int8_gap
+from app.benchmarks.common import BenchConfig
+from app.benchmarks.encoders import bench_decode, bench_encoders
+from app.benchmarks.options import SECTIONS, add_arguments
+from app.benchmarks.served import bench_served, scrape
+from tests.conftest import dataset_dir
+
+
+@pytest.fixture
+def quick(model_data_dir: Path) -> BenchConfig:
+    """A --quick config on the test data dir (the stand-in and its cached exports)."""
+    config = BenchConfig(data_dir=model_data_dir, threads=2, quick=True, models=("offline",), command="test")
+    config.batches = (1, 2)
+    config.min_seconds = 0.0
+    config.min_calls = 1
+    config.serve_seconds = 1.0
+    config.probes = 4
+    return config
+
+
+def mini_dataset(root: Path) -> Path:
+    """cifar10-mini cut down to 2 classes x (4 train, 3 test) images."""
+    source = dataset_dir("cifar10-mini")
+    for split, count in (("train", 4), ("test", 3)):
+        for name in ("cat", "ship"):
+            target = root / "cifar10-mini" / split / name
+            target.mkdir(parents=True)
+            for path in sorted((source / split / name).glob("*.jpg"))[:count]:
+                shutil.copy(path, target / path.name)
+    return root
+
+
+def test_encoder_section_measures_every_backend_against_torch(quick: BenchConfig) -> None:
+    result = bench_encoders(quick)
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"torch", "onnx", "onnx-int8"}
+    assert rows["onnx"]["default"]  # the stand-in's models.json default
+    assert rows["onnx-int8"]["used"] == "onnx"  # nothing to quantize in EfficientNet-Lite0
+    for row in rows.values():
+        assert set(row["img_per_s"]) == {1, 2}
+        assert all(v > 0 for v in row["img_per_s"].values())
+        assert row["mean_cosine"] > 0.999
+    table = report.render(_meta(quick), {"encoder": result})
+    assert "onnx-int8 → onnx" in table
+    assert "(1.0x)" in table  # torch against itself
+
+
+def test_decode_cache_and_accuracy_sections(quick: BenchConfig, tmp_path: Path) -> None:
+    decode = bench_decode(quick)
+    labels = [r["input"] for r in decode["rows"]]
+    assert any(label.startswith("1920x1080") for r, label in zip(decode["rows"], labels, strict=True))
+    big = next(r for r in decode["rows"] if r["input"].startswith("1920x1080"))
+    assert big["decoded_size"] == "960x540"  # Image.draft decoded the JPEG at half scale
+    cache = bench_cache_cost(quick, {"offline-standin": 1280})
+    assert {r["method"] for r in cache["rows"]} >= {"zero-shot", "tip-adapter", "ape"}
+    assert all(r["classes"] == 100 for r in cache["rows"])
+    quick.datasets = mini_dataset(tmp_path / "datasets")
+    accuracy = bench_accuracy(quick)
+    assert {(r["dataset"], r["backend"]) for r in accuracy["rows"]} == {
+        ("cifar10-mini", b) for b in ("torch", "onnx", "onnx-int8")
+    }
+    assert [gap for _, _, gap in int8_gap(accuracy)] == [0.0, 0.0]  # the same fp32 graph
+    text = report.render(_meta(quick), {"decode": decode, "cache": cache, "accuracy": accuracy})
+    assert "### Accuracy per backend" in text
+    assert "stand-in int8 - fp32 accuracy" in text
+
+
+def test_accuracy_section_skips_without_datasets(quick: BenchConfig, tmp_path: Path) -> None:
+    quick.datasets = tmp_path / "nothing"
+    result = bench_accuracy(quick)
+    assert "skipped" in result
+    assert "Skipped" in report.render(_meta(quick), {"accuracy": result})
+
+
+def test_served_section_drives_a_real_server(quick: BenchConfig) -> None:
+    result = bench_served(quick, None)
+    (row,) = result["rows"]
+    assert row["used"] == "onnx"
+    assert [run["concurrency"] for run in row["runs"]] == [1, 8]
+    for run in row["runs"]:
+        assert run["requests"] > 0
+        assert run["failures"] == 0
+        assert 0 <= run["outside_share"] <= 1
+    assert row["runs"][0]["mean_batch"] == pytest.approx(1.0)
+    assert row["peak_rss_mb"] > 100
+    assert "auto → onnx" in report.render(_meta(quick), {"served": result})
+
+
+def test_metrics_parsing_keeps_labels_with_braces() -> None:
+    class Fake:
+        text = (
+            "# HELP x\n"
+            'shotcache_http_request_seconds_sum{method="POST",route="/v1/tasks/{task_id}/classify"} 1.5\n'
+            "shotcache_encode_seconds_count 3.0\n"
+        )
+
+        def get(self, _: str) -> Any:
+            return self
+
+    samples = scrape(Fake())  # type: ignore[arg-type]
+    assert samples['shotcache_http_request_seconds_sum{method="POST",route="/v1/tasks/{task_id}/classify"}'] == 1.5
+    assert samples["shotcache_encode_seconds_count"] == 3.0
+
+
+def test_targets_say_by_how_much_they_are_missed() -> None:
+    encoder = {
+        "rows": [
+            {"model": "ViT-B-32 (random init)", "backend": "torch", "img_per_s": {32: 10.0}},
+            {"model": "ViT-B-32 (random init)", "backend": "onnx-int8", "img_per_s": {32: 45.0}},
+        ]
+    }
+    rows = {str(r[0]): r for r in report.targets({"encoder": encoder})}
+    assert rows["ViT-B-32 onnx-int8 ≥ 40 img/s at batch 32"][2] == "met"
+    assert rows["ViT-B-32 onnx-int8 ≥ 6x eager fp32 at batch 32"][2] == "**missed** by 1.5x"
+
+
+def test_the_doc_section_is_replaced_in_place(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nintro\n\n{report.BEGIN}\nold\n{report.END}\n\n## After\nkept\n")
+    section = f"{report.BEGIN}\nnew\n{report.END}\n"
+    report.write_section(doc, section)
+    once = doc.read_text()
+    report.write_section(doc, section)
+    assert doc.read_text() == once
+    assert once == f"# Benchmarks\n\nintro\n\n{report.BEGIN}\nnew\n{report.END}\n\n## After\nkept\n"
+    fresh = tmp_path / "new.md"
+    report.write_section(fresh, section)
+    assert fresh.read_text() == section
+
+
+def test_bench_options() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--only", "encoder", "--only", "served", "--write", "x.md"])
+    assert args.only == ["encoder", "served"]
+    assert args.quick
+    assert set(SECTIONS) == {"encoder", "decode", "cache", "served", "accuracy", "methods"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--only", "nonsense"])
+
+
+def _meta(config: BenchConfig) -> dict[str, Any]:
+    machine = {"nproc": 2, "cpu": "test CPU", "isa": [], "python": "3", "date": "today", "load": "0 0 0"}
+    return {
+        "machine": machine,
+        "versions": {},
+        "command": config.command,
+        "load_end": "0 0 0",
+        "seconds": 1.0,
+        "batches": config.batches,
+    }
