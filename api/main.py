@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -49,4 +50,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first: metrics see every answer, the body limit's 413s included.
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 1024 * 1024))
     app.add_middleware(HttpMetrics)
+    if keys.open:
+        app.openapi = _without_auth(app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _without_auth(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """The schema of an open server: no security requirements and no 401/403 answers, as it gives none."""
+
+    def schema() -> dict[str, Any]:
+        document = openapi()  # FastAPI builds it once and caches it; editing it in place is idempotent
+        document.get("components", {}).pop("securitySchemes", None)
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                operation.pop("security", None)
+                for status in ("401", "403"):
+                    operation.get("responses", {}).pop(status, None)
+        document["info"]["description"] = DESCRIPTION + "\n\nThis server is open: SHOTCACHE_API_KEYS is unset."
+        return document
+
+    return schema

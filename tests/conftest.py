@@ -21,6 +21,21 @@ def dataset_dir(name: str) -> Path:
     return path
 
 
+def link_model(data_dir: Path, model_data_dir: Path) -> None:
+    """Link the built stand-in and its ONNX exports into a fresh data dir, so a server started on it
+    (in-process or a subprocess) neither rebuilds the model nor re-exports it."""
+    from app.encoder.standin import standin_dir
+
+    link = standin_dir(data_dir)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(standin_dir(model_data_dir.resolve()), target_is_directory=True)
+    exports = model_data_dir.resolve() / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "exports").is_symlink():
+        (data_dir / "exports").symlink_to(exports, target_is_directory=True)
+
+
 @pytest.fixture(scope="session")
 def model_data_dir() -> Path:
     """A data dir holding the built stand-in model (and nothing else the tests write)."""
@@ -43,13 +58,10 @@ def encoder(model_data_dir: Path) -> object:
 def service_settings(model_data_dir: Path, tmp_path: Path) -> object:
     """Settings for a service whose tasks live in a fresh directory and whose model is the stand-in.
 
-    The stand-in folder is linked into the fresh data dir so it is not rebuilt per test.
+    The stand-in folder and its exports are linked into the fresh data dir (`link_model`).
     """
-    from app.encoder.standin import standin_dir
     from app.settings import Settings
 
     data_dir = tmp_path / "data"
-    link = standin_dir(data_dir)
-    link.parent.mkdir(parents=True)
-    link.symlink_to(standin_dir(model_data_dir), target_is_directory=True)
+    link_model(data_dir, model_data_dir)
     return Settings(model="offline", data_dir=data_dir, threads=2, workers=2)

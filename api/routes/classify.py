@@ -9,17 +9,17 @@ from fastapi import APIRouter, File, Form, UploadFile
 from ..deps import CallerDep, ServiceDep
 from ..schemas import ClassifyOut, ImageResult, LabelProbability
 from .forms import read_uploads
-from .tasks import ERRORS
+from .tasks import UPLOAD_ERRORS
 
 router = APIRouter(prefix="/v1/tasks", tags=["classify"])
 
 
-@router.post("/{task_id}/classify", response_model=ClassifyOut, responses=ERRORS)
+@router.post("/{task_id}/classify", response_model=ClassifyOut, responses=UPLOAD_ERRORS)
 async def classify(
     service: ServiceDep,
     caller: CallerDep,
     task_id: str,
-    images: Annotated[list[UploadFile], File(description="Images to classify.")],
+    images: Annotated[list[UploadFile], File(min_length=1, description="Images to classify.")],
     top_k: Annotated[int, Form(description="How many classes to list per image.")] = 5,
     method: Annotated[str | None, Form(description="Use this method instead of the task's own.")] = None,
     abstain: Annotated[

@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import AdminDep, CallerDep, ServiceDep
-from ..schemas import ErrorResponse, Health, Info, Usage
+from ..responses import errors
+from ..schemas import Health, Info, Usage
 
 router = APIRouter()
 
@@ -18,7 +19,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}}, tags=["health"])
+@router.get("/readyz", response_model=Health, responses=errors(503), tags=["health"])
 async def readyz(request: Request) -> Health | JSONResponse:
     """The model is loaded and warmed up, tasks are restored."""
     service = getattr(request.app.state, "service", None)
@@ -27,7 +28,7 @@ async def readyz(request: Request) -> Health | JSONResponse:
     return Health(status="ready")
 
 
-@router.get("/v1/info", response_model=Info, responses={401: {"model": ErrorResponse}}, tags=["info"])
+@router.get("/v1/info", response_model=Info, responses=errors(401, 503), tags=["info"])
 async def info(service: ServiceDep, caller: CallerDep, request: Request) -> Info:
     """Model (and whether it is the offline stand-in), methods, limits, version."""
     data = service.info()
@@ -40,7 +41,7 @@ async def info(service: ServiceDep, caller: CallerDep, request: Request) -> Info
 @router.get(
     "/v1/admin/usage",
     response_model=Usage,
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses=errors(401, 403, 503),
     tags=["admin"],
 )
 async def usage(service: ServiceDep, _: AdminDep) -> Usage:
@@ -48,7 +49,17 @@ async def usage(service: ServiceDep, _: AdminDep) -> Usage:
     return Usage(tenants=service.usage())
 
 
-@router.get("/metrics", tags=["health"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics() -> Response:
     """Prometheus metrics."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

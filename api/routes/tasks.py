@@ -11,18 +11,25 @@ from fastapi.responses import JSONResponse
 from app.service import CreateTaskRequest, ShotsRequest
 
 from ..deps import CallerDep, ServiceDep
-from ..schemas import BuildOut, ErrorResponse, TaskList, TaskOut
+from ..responses import errors
+from ..schemas import BuildOut, TaskList, TaskOut
 from .forms import parse_classes, parse_hyperparams, parse_templates, read_uploads
 from .views import build_out, task_out
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429)
+# What a multipart route that reads images can answer, besides its success (see api/responses.py).
+UPLOAD_ERRORS = errors(400, 401, 404, 409, 413, 415, 422, 429, 503)
+_ACCEPTED = {
+    "model": BuildOut,
+    "description": "`wait=false`: the build runs in the background; poll the task at `Location`.",
+    "headers": {"Location": {"description": "The task's URL.", "schema": {"type": "string"}}},
 }
 
-ImagesField = Annotated[list[UploadFile], File(description="Shot images (JPEG, PNG, WebP, BMP, GIF, TIFF).")]
-LabelsField = Annotated[list[str], Form(description="One class label per image, same order.")]
+ImagesField = Annotated[
+    list[UploadFile], File(min_length=1, description="Shot images (JPEG, PNG, WebP, BMP, GIF, TIFF).")
+]
+LabelsField = Annotated[list[str], Form(min_length=1, description="One class label per image, same order.")]
 ClassesField = Annotated[
     str | None,
     Form(
@@ -33,7 +40,10 @@ ClassesField = Annotated[
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=TaskOut, responses={202: {"model": BuildOut}, **ERRORS}
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskOut,
+    responses={202: _ACCEPTED, **errors(400, 401, 413, 415, 422, 429, 503)},
 )
 async def create_task(
     service: ServiceDep,
@@ -69,12 +79,11 @@ async def create_task(
             status_code=status.HTTP_202_ACCEPTED,
             headers={"Location": f"/v1/tasks/{build.task_id}"},
         )
-    loop = asyncio.get_running_loop()
-    task = await loop.run_in_executor(service.build_executor, service.create_task, caller.tenant, request)
+    task = await service.run_build(service.create_task, caller.tenant, request)
     return task_out(task)
 
 
-@router.get("", response_model=TaskList, responses={401: {"model": ErrorResponse}})
+@router.get("", response_model=TaskList, responses=errors(401, 503))
 async def list_tasks(service: ServiceDep, caller: CallerDep) -> TaskList:
     return TaskList(
         tasks=[task_out(t) for t in service.list_tasks(caller.tenant)],
@@ -82,7 +91,16 @@ async def list_tasks(service: ServiceDep, caller: CallerDep) -> TaskList:
     )
 
 
-@router.get("/{task_id}", response_model=TaskOut, responses={202: {"model": BuildOut}, **ERRORS})
+@router.get(
+    "/{task_id}",
+    response_model=TaskOut,
+    # A failed background build answers with its error's status (413, 415, 422, 429); the body is the
+    # error and also carries the build's id, status and progress.
+    responses={
+        202: {"model": BuildOut, "description": "Still building (`wait=false`)."},
+        **errors(401, 404, 409, 413, 415, 422, 429, 503),
+    },
+)
 async def get_task(service: ServiceDep, caller: CallerDep, task_id: str) -> TaskOut | JSONResponse:
     build = service.build_status(caller.tenant, task_id)
     if build is not None:
@@ -93,14 +111,14 @@ async def get_task(service: ServiceDep, caller: CallerDep, task_id: str) -> Task
     return task_out(service.get_task(caller.tenant, task_id))
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(401, 404, 409, 422, 503))
 async def delete_task(service: ServiceDep, caller: CallerDep, task_id: str) -> Response:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(service.build_executor, service.delete_task, caller.tenant, task_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{task_id}/shots", response_model=TaskOut, responses=ERRORS)
+@router.post("/{task_id}/shots", response_model=TaskOut, responses=UPLOAD_ERRORS)
 async def add_shots(
     service: ServiceDep,
     caller: CallerDep,
@@ -115,6 +133,5 @@ async def add_shots(
         labels=labels,
         classes=parse_classes(classes),
     )
-    loop = asyncio.get_running_loop()
-    task = await loop.run_in_executor(service.build_executor, service.add_shots, caller.tenant, task_id, request)
+    task = await service.run_build(service.add_shots, caller.tenant, task_id, request)
     return task_out(task)

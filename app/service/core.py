@@ -7,30 +7,27 @@ The HTTP layer calls this and nothing deeper. Blocking methods (`create_task`, `
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any
-
-import numpy as np
-from PIL import Image
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from app import __version__
-from app.encoder import ClassPrompts, Encoder
+from app.encoder import Encoder
 from app.encoder.factory import ModelDefaults
-from app.images import ImageError, ImageLimits, decode_image
+from app.images import ImageLimits
 from app.settings import Settings
 from app.store import DamagedTask, TaskStore
 from cache_models import METHODS
 
 from . import metrics
-from .build import AUTO, choose_method, fit_methods
-from .errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError, UnsupportedMedia
+from .build import AUTO
+from .builder import Progress, TaskBuilder
+from .errors import Busy, Conflict, InvalidInput, NotFound, PayloadTooLarge, ServiceError
 from .persist import from_snapshot, to_snapshot
 from .queue import EncoderQueue
 from .requests import (
@@ -40,13 +37,12 @@ from .requests import (
     check_class_specs,
     check_create,
     check_shots,
-    class_info,
 )
-from .task import ClassInfo, FloatArray, Prediction, Task
+from .task import Prediction, Task
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,11 +57,6 @@ class BuildStatus:
     error: dict[str, Any] | None = None
     error_status: int | None = None  # the HTTP status of the error a failed build ended with
     started_at: float = 0.0
-
-
-def shot_seed(task_id: str, index: int) -> int:
-    """The augmentation seed of a task's shot: stable, so re-encoding a shot gives the same views."""
-    return int.from_bytes(hashlib.sha256(f"{task_id}:{index}".encode()).digest()[:8], "little") >> 1
 
 
 class TaskService:
@@ -89,11 +80,13 @@ class TaskService:
         # never starve classify of threads; the encoder queue already puts classify first.
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="shotcache-cpu")
         self.build_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="shotcache-build")
+        self.builder = TaskBuilder(settings, encoder, self.queue, self.limits, self.default_method)
         self._tasks: dict[tuple[str, str], Task] = {}
         self._foreign: dict[tuple[str, str], str] = {}  # tasks built with another model: their model id
         self._builds: dict[tuple[str, str], BuildStatus] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._registry_lock = threading.Lock()
+        self._pending_builds = 0  # creates / shot additions admitted and not finished (bounded: 429 past it)
         self.damaged: list[DamagedTask] = []
         self.ready = False
 
@@ -136,34 +129,6 @@ class TaskService:
             len(self._foreign),
         )
 
-    # ---- images -------------------------------------------------------------------------------
-    def decode(self, images: Sequence[UploadedImage]) -> list[Image.Image]:
-        """Decode uploads; the first bad one fails the request with its status and name."""
-        out = []
-        side = 2 * self.encoder.input_size
-        for i, upload in enumerate(images):
-            name = upload.filename or f"image {i}"
-            try:
-                out.append(decode_image(upload.data, self.limits, filename=name, min_decode_side=side))
-            except ImageError as exc:
-                error_type = {413: PayloadTooLarge, 415: UnsupportedMedia}.get(exc.status, InvalidInput)
-                raise error_type(str(exc), code=exc.code) from None
-        return out
-
-    def _encode_shots(
-        self, images: Sequence[Image.Image], views: int, seeds: Sequence[int], progress: Progress | None
-    ) -> FloatArray:
-        """[len(images) * views, d] through the queue's bulk lane, chunk by chunk, reporting progress."""
-        per_chunk = max(1, self.settings.max_batch // views)
-        parts = []
-        for start in range(0, len(images), per_chunk):
-            stop = min(start + per_chunk, len(images))
-            pixels = self.encoder.preprocessor.view_pixels(images[start:stop], views, seeds[start:stop])
-            parts.append(self.queue.encode(pixels, bulk=True))
-            if progress is not None:
-                progress(stop, len(images))
-        return np.concatenate(parts)
-
     # ---- tasks --------------------------------------------------------------------------------
     def _lock_for(self, key: tuple[str, str]) -> threading.Lock:
         with self._registry_lock:
@@ -199,56 +164,48 @@ class TaskService:
         labels = check_create(request, self.settings)
         task_id = task_id or uuid.uuid4().hex
         started = time.monotonic()
-        images = self.decode(request.images)
-        names = list(dict.fromkeys(labels))  # class order: first appearance
-        classes = tuple(class_info(n, request.classes) for n in names)
-        templates = tuple(request.templates) if request.templates is not None else tuple(self.encoder.default_templates)
-        views = request.views or self.settings.views
-        seeds = [shot_seed(task_id, i) for i in range(len(images))]
-        progress = self._progress_callback(tenant, task_id, len(images))
-        features = self._encode_shots(images, views, seeds, progress)
-        shot_labels = np.array([names.index(label) for label in labels], dtype=np.int64)
-        text = self._text_weights(classes, templates)
-        now = time.time()
-        task = self._fit(
-            Task(
-                tenant=tenant,
-                task_id=task_id,
-                name=request.name,
-                version=1,
-                created_at=now,
-                updated_at=now,
-                model_id=self.encoder.identity.model_id,
-                backend=self.encoder.backend,
-                views=views,
-                templates=templates,
-                classes=classes,
-                shot_features=features,
-                shot_labels=shot_labels,
-                shot_seeds=np.array(seeds, dtype=np.int64),
-                text=text,
-                fits={},
-                method="zero-shot",
-                method_requested=request.method or "default",
-            ),
-            hyperparams=request.hyperparams,
-        )
+        progress = self._progress_callback(tenant, task_id, len(request.images))
+        task = self.builder.new_task(tenant, task_id, request, labels, progress)
         self._persist_and_publish(task)
         metrics.TASK_BUILD_SECONDS.observe(time.monotonic() - started)
         log.info(
             "task %s/%s created: %d shots, %d classes, method %s, %.1f s",
             tenant,
             task_id,
-            len(images),
-            len(classes),
+            len(request.images),
+            len(task.classes),
             task.method,
             time.monotonic() - started,
         )
         return task
 
+    # ---- admission of builds: uploads waiting to be built hold memory, so their number is bounded --
+    def _admit_build(self) -> None:
+        with self._registry_lock:
+            if self._pending_builds >= self.settings.max_pending_builds:
+                raise Busy(
+                    f"{self._pending_builds} task builds are already running or waiting (limit "
+                    f"{self.settings.max_pending_builds}); retry shortly",
+                    retry_after=5.0,
+                )
+            self._pending_builds += 1
+
+    def _release_build(self) -> None:
+        with self._registry_lock:
+            self._pending_builds -= 1
+
+    async def run_build(self, build: Callable[..., T], *args: Any) -> T:
+        """Run a blocking build (`create_task`, `add_shots`) on the build pool, or 429 if too many wait."""
+        self._admit_build()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.build_executor, build, *args)
+        finally:
+            self._release_build()
+
     def start_create(self, tenant: str, request: CreateTaskRequest) -> BuildStatus:
         """Validate now, build in the background; progress via `build_status`."""
         check_create(request, self.settings)
+        self._admit_build()
         task_id = uuid.uuid4().hex
         status = BuildStatus(tenant, task_id, total=len(request.images), started_at=time.time())
         self._builds[(tenant, task_id)] = status
@@ -264,6 +221,8 @@ class TaskService:
                 log.exception("background build of %s/%s failed", tenant, task_id)
                 status.error, status.error_status = {"code": "internal_error", "message": str(exc)}, 500
                 status.state = "failed"
+            finally:
+                self._release_build()
 
         self.build_executor.submit(run)
         return status
@@ -304,38 +263,15 @@ class TaskService:
                 )
             check_class_specs(request.classes, set(new_names))
             started = time.monotonic()
-            images = self.decode(request.images)
-            first = int(old.shot_labels.shape[0])
-            seeds = [shot_seed(task_id, first + i) for i in range(len(images))]
-            features = self._encode_shots(
-                images, old.views, seeds, self._progress_callback(tenant, task_id, len(images))
-            )
-            new_classes = tuple(class_info(n, request.classes) for n in new_names)
-            all_names = names + new_names
-            text = old.text
-            if new_classes:
-                text = np.concatenate([old.text, self._text_weights(new_classes, old.templates)])
-            updated = replace(
-                old,
-                version=old.version + 1,
-                updated_at=time.time(),
-                classes=old.classes + new_classes,
-                shot_features=np.concatenate([old.shot_features, features]),
-                shot_labels=np.concatenate(
-                    [old.shot_labels, np.array([all_names.index(n) for n in labels], dtype=np.int64)]
-                ),
-                shot_seeds=np.concatenate([old.shot_seeds, np.array(seeds, dtype=np.int64)]),
-                text=text,
-                backend=self.encoder.backend,
-            )
-            task = self._fit(updated, hyperparams=None)
+            progress = self._progress_callback(tenant, task_id, len(request.images))
+            task = self.builder.with_shots(old, request, labels, new_names, progress)
             self._persist_and_publish(task)
             log.info(
                 "task %s/%s v%d: +%d shots, %.1f s",
                 tenant,
                 task_id,
                 task.version,
-                len(images),
+                len(request.images),
                 time.monotonic() - started,
             )
             return task
@@ -353,45 +289,6 @@ class TaskService:
             self._foreign.pop(key, None)
             self._builds.pop(key, None)
             metrics.TASKS_STORED.set(len(self._tasks))
-
-    def _text_weights(self, classes: Sequence[ClassInfo], templates: Sequence[str]) -> FloatArray:
-        prompts = [ClassPrompts(c.name, c.prompts, c.templates) for c in classes]
-        return self.encoder.class_text_weights(prompts, templates)
-
-    def _fit(self, task: Task, *, hyperparams: Any) -> Task:
-        """Tune every method on the task's shots and choose the one classify uses."""
-        requested = task.method_requested
-        scale = self.encoder.logit_scale
-        if hyperparams is not None:
-            from app.fewshot import build_method
-
-            from .build import method_fit
-
-            try:
-                method = build_method(
-                    requested,
-                    task.shot_features,
-                    task.shot_labels,
-                    task.text,
-                    task.views,
-                    scale=scale,
-                    hyperparams=dict(hyperparams),
-                )
-            except ValueError as exc:
-                raise InvalidInput(str(exc), code="invalid_hyperparams") from None
-            fits = fit_methods(
-                task.shot_features,
-                task.shot_labels,
-                task.text,
-                task.views,
-                scale=scale,
-                methods=[m for m in METHODS if m != requested],
-            )
-            fits[requested] = method_fit(method)
-        else:
-            fits = fit_methods(task.shot_features, task.shot_labels, task.text, task.views, scale=scale)
-        chosen = choose_method(requested if requested != "default" else self.default_method, fits, self.default_method)
-        return replace(task, fits=fits, method=chosen)
 
     def _persist_and_publish(self, task: Task) -> None:
         self.store.save(to_snapshot(task))  # durable first: a task is only acknowledged once on disk
@@ -424,14 +321,19 @@ class TaskService:
         if method is not None and method not in task.fits:
             raise InvalidInput(f"unknown method {method!r}; valid: {', '.join(task.fits)}", code="unknown_method")
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self.executor, self._classify_pixels, images)
-        features = await asyncio.wrap_future(self.queue.submit(pixels))
+        self.queue.announce()  # a batch being formed waits for these pixels instead of leaving without them
+        try:
+            pixels = await loop.run_in_executor(self.executor, self._classify_pixels, images)
+        except BaseException:
+            self.queue.withdraw()
+            raise
+        features = await asyncio.wrap_future(self.queue.submit(pixels, announced=True))
         predictions = task.classify(features, method=method, top_k=top_k, abstain=abstain)
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return task, predictions
 
     def _classify_pixels(self, images: Sequence[UploadedImage]) -> Any:
-        return self.encoder.preprocessor.eval_pixels(self.decode(images))
+        return self.encoder.preprocessor.eval_pixels(self.builder.decode(images))
 
     # ---- info ---------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import dataset_dir
+from tests.conftest import dataset_dir, link_model
 
 # The four cifar10-mini classes of the shared task; chance is 1/4.
 BASE_CLASSES = ("airplane", "automobile", "bird", "cat")
@@ -122,11 +122,7 @@ def running_app(settings: Any) -> Iterator[TestClient]:
 
 
 def link_standin(data_dir: Path, model_data_dir: Path) -> None:
-    from app.encoder.standin import standin_dir
-
-    link = standin_dir(data_dir)
-    link.parent.mkdir(parents=True)
-    link.symlink_to(standin_dir(model_data_dir), target_is_directory=True)
+    link_model(data_dir, model_data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -300,3 +300,33 @@ def test_mutated_valid_images_only_ever_raise_image_error(
     for where, value in edits:
         data[int(where * where * len(data))] = value
     decodes_or_refuses(bytes(data[: max(1, int(len(data) * keep))]))
+
+
+def test_slivers_are_cropped_to_a_central_band_before_resizing() -> None:
+    """A 12,000 x 16 sliver must not be resized to 168,000 x 224 first (seconds of CPU per image);
+    its centre crop equals the one from the whole image up to interpolation noise."""
+    import numpy as np
+
+    from app.images import MAX_EXACT_ASPECT, resize_center_crop
+
+    rng = np.random.default_rng(5)
+    sliver = Image.fromarray(rng.integers(0, 255, (16, 12_000, 3), dtype=np.uint8))
+    sizes: list[tuple[int, int]] = []
+    original_resize = Image.Image.resize
+
+    def spy(self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object) -> Image.Image:
+        sizes.append(size)
+        return original_resize(self, size, *args, **kwargs)  # type: ignore[arg-type]
+
+    Image.Image.resize = spy  # type: ignore[method-assign]
+    try:
+        out = resize_center_crop(sliver, 224)
+    finally:
+        Image.Image.resize = original_resize  # type: ignore[method-assign]
+    assert out.size == (224, 224)
+    assert max(max(s) for s in sizes) <= MAX_EXACT_ASPECT * 224
+    whole = original_resize(sliver, (168_000, 224), Image.Resampling.BICUBIC).crop((83_888, 0, 84_112, 224))
+    difference = np.abs(np.asarray(out, np.int16) - np.asarray(whole, np.int16))
+    assert difference.mean() < 1.0
+    tall = resize_center_crop(sliver.transpose(Image.Transpose.ROTATE_90), 224)
+    assert tall.size == (224, 224)
