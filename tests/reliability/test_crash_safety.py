@@ -28,7 +28,9 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(model_data_dir: Path, 
         dataset_root()
     except DatasetMissingError as exc:
         pytest.skip(str(exc))
-    seed = int(os.environ.get("SHOTCACHE_CRASH_SEED", random.SystemRandom().randrange(2**32)))
+    # A fixed seed by default keeps CI's kill schedule reproducible; set SHOTCACHE_CRASH_SEED=random to explore.
+    chosen = os.environ.get("SHOTCACHE_CRASH_SEED", "20261126")
+    seed = random.SystemRandom().randrange(2**32) if chosen == "random" else int(chosen)
     lines: list[str] = []
     loop = CrashLoop(tmp_path / "data", model_data_dir, seed=seed, log=lines.append)
     report = loop.run(ITERATIONS)
