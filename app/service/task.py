@@ -120,7 +120,10 @@ class Task:
             reason = None
             if abstain:
                 if fit.abstain_threshold is None:
-                    reason = "abstaining needs leave-one-out scores (two or more shots in some class); answered anyway"
+                    reason = (
+                        f"no abstain threshold: it needs {MIN_CORRECT_FOR_THRESHOLD} or more shots that "
+                        "leave-one-out classifies correctly (add shots); answered anyway"
+                    )
                 elif ranked[0][1] < fit.abstain_threshold:
                     label = None
                     reason = (
