@@ -18,11 +18,9 @@ Deterministic: the same packages give the same weights (the builder checks nothi
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -34,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import EncoderLoadError
+from .folders import file_lock, install_folder
 from .resources import read_config
 
 log = logging.getLogger(__name__)
@@ -96,8 +95,7 @@ def ensure_standin(data_dir: Path) -> Path:
     if (target / RECIPE_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.parent / f".{target.name}.lock"):
         if (target / RECIPE_FILE).is_file():  # built by whoever held the lock before us
             return target
         log.warning("offline stand-in model not found under %s: building it (about 30 s on 2 cores)", target)
@@ -113,17 +111,9 @@ def build_standin(out_dir: Path, *, logit_scale: float | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         _build_into(tmp, spec, logit_scale)
-        # mkdtemp makes a private folder; the model is read by whichever user runs the service.
-        tmp.chmod(0o755)
         for item in tmp.iterdir():
-            item.chmod(0o644)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+            item.chmod(0o644)  # read by whichever user runs the service
+        install_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

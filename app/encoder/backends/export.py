@@ -17,7 +17,6 @@ backend (the factory then falls back to torch).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from ..folders import file_lock, install_folder
 from ..load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def ensure_export(loaded: LoadedModel, backend: str, data_dir: Path, *, threads:
     if isinstance(found, Export):
         return _remember(loaded, found)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder.parent / f".{backend}.lock"):
+    with file_lock(folder.parent / f".{backend}.lock"):
         found = _read_valid(folder, loaded)  # another process may have made it while we waited
         if isinstance(found, Export):
             return _remember(loaded, found)
@@ -174,35 +174,13 @@ def _copy_verified(loaded: LoadedModel, backend: str, folder: Path) -> bool:
                 os.link(item, tmp / item.name)
             except OSError:
                 shutil.copy2(item, tmp / item.name)
-        _install(tmp, folder)
+        install_folder(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("could not copy the export in %s: %s", source, exc)
         return False
     log.info("reused the %s export of %s from %s", backend, loaded.identity.model_id, source)
     return True
-
-
-def _install(tmp: Path, folder: Path) -> None:
-    """Rename the finished `tmp` folder to `folder`, replacing (and deleting) an unusable one."""
-    tmp.chmod(0o755)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}-old-{os.getpid()}-{threading.get_ident()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:
@@ -246,7 +224,7 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for item in tmp.iterdir():
             item.chmod(0o644)
-        _install(tmp, folder)
+        install_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
