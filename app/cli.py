@@ -34,17 +34,20 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        key: value
-        for key, value in {
-            "model": getattr(args, "model", None),
-            "backend": getattr(args, "backend", None),
-            "data_dir": getattr(args, "data_dir", None),
-        }.items()
-        if value is not None
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given on the command line (they win over SHOTCACHE_ variables)."""
+    given = {
+        "model": getattr(args, "model", None),
+        "backend": getattr(args, "backend", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
     }
-    return Settings(**overrides)
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(**_overrides(args))  # type: ignore[arg-type]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -103,12 +106,7 @@ def cmd_build_offline_model(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    settings = _settings(args)
-    if args.host:
-        settings = settings.model_copy(update={"host": args.host})
-    if args.port is not None:
-        settings = settings.model_copy(update={"port": args.port})
-    serve(settings)
+    serve(_settings(args), _overrides(args))
     return 0
 
 
