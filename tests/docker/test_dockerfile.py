@@ -1,0 +1,230 @@
+"""The image docker/Dockerfile builds keeps docker/README.md's promises: non-root runtime, health check
+on /readyz, CPU torch wheels before the project, port 8000, the /data volume, `shotcache serve`, the
+baked model where the service looks. Checked by parsing the file; the health check's probe is run
+against a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .dockerfile import CPU_INDEX, DOCKER_README, ENTRYPOINT, REPO, Dockerfile, Instruction, parse_dockerfile
+
+
+def test_parser_reads_continuations_comments_and_stages() -> None:
+    # The checks below are only as good as the parser: it must see through what Dockerfiles use.
+    parsed = parse_dockerfile(
+        "# syntax=docker/dockerfile:1\nARG IMG=python:3.11-slim\nFROM ${IMG} AS a\nRUN echo one \\\n"
+        "    # a comment inside the continuation\n    && echo two\nFROM a\nUSER 10001:10001\n"
+        'CMD ["x", "y"]\n'
+    )
+    assert parsed.global_args == {"IMG": "python:3.11-slim"}
+    assert [s.name for s in parsed.stages] == ["a", None]
+    assert parsed.stages[0].instructions == [Instruction("RUN", "echo one     && echo two")]
+    assert parsed.image_of(parsed.runtime) == "python:3.11-slim"
+    assert parsed.runtime.all("CMD")[0].exec_form == ["x", "y"]
+
+
+# --- the runtime image -----------------------------------------------------------------------------
+
+
+def test_runtime_is_python_311_slim_built_in_stages(dockerfile: Dockerfile) -> None:
+    assert len(dockerfile.stages) >= 2, "multi-stage: build tools and caches stay out of the runtime image"
+    assert dockerfile.image_of(dockerfile.runtime) == "python:3.11-slim"
+    copied_from = {i.flags()[0].get("from") for i in dockerfile.runtime.all("COPY")}
+    assert {"builder"} <= copied_from, "the runtime takes the virtualenv and model from the builder"
+    assert not any("pip install" in i.args for i in dockerfile.runtime.all("RUN")), "pip runs in the builder only"
+
+
+def test_runtime_runs_as_an_unprivileged_numeric_user(dockerfile: Dockerfile) -> None:
+    users = dockerfile.runtime.all("USER")
+    assert users, "the runtime stage must set USER (the default is root)"
+    user, _, group = users[-1].args.partition(":")
+    assert user not in ("root", "0")
+    assert group not in ("root", "0")
+    # Numeric, so runtimes can verify non-root (Kubernetes runAsNonRoot) before starting anything.
+    assert user.isdigit(), f"USER {users[-1].args}"
+    created = " ".join(i.args for i in dockerfile.runtime.all("RUN"))
+    assert re.search(rf"useradd\b.*--uid {user}\b", created), f"uid {user} is never created"
+    assert re.search(r"chown \S*\s+/data\b", created), "/data must belong to the service user"
+
+
+def test_ports_data_dir_and_bind_address(dockerfile: Dockerfile) -> None:
+    env = dockerfile.runtime.env()
+    exposed = " ".join(i.args for i in dockerfile.runtime.all("EXPOSE")).split()
+    assert "8000" in exposed or "8000/tcp" in exposed
+    assert env["SHOTCACHE_PORT"] == "8000"
+    # Inside a container the loopback default would make the published port unreachable.
+    assert env["SHOTCACHE_HOST"] == "0.0.0.0"
+    volumes: list[str] = []
+    for instruction in dockerfile.runtime.all("VOLUME"):
+        volumes += instruction.exec_form or instruction.args.split()
+    assert "/data" in volumes
+    assert env["SHOTCACHE_DATA_DIR"] == "/data"
+    # The model is baked in: the running container must not reach for the hub.
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_container_runs_shotcache_serve_under_an_init(dockerfile: Dockerfile) -> None:
+    cmd = dockerfile.runtime.all("CMD")[-1].exec_form
+    entrypoint = dockerfile.runtime.all("ENTRYPOINT")[-1].exec_form
+    assert cmd == ["shotcache", "serve"], "exec form, so no shell stands between tini and the server"
+    assert entrypoint is not None
+    assert Path(entrypoint[0]).name == "tini", "an init forwards SIGTERM"
+    script_path = entrypoint[-1]
+    sources = {i.flags()[1].split()[-1]: i.flags()[1].split()[:-1] for i in dockerfile.runtime.all("COPY")}
+    assert sources.get(script_path) == ["docker/entrypoint.sh"], f"{script_path} is not docker/entrypoint.sh"
+    commands = [
+        line.strip()
+        for line in ENTRYPOINT.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert commands[-1] == 'exec "$@"', "the entrypoint must hand the process over to the command"
+    # `shotcache serve` is the installed console script's real subcommand.
+    from app.cli import build_parser
+
+    assert "shotcache = " in (REPO / "pyproject.toml").read_text()
+    assert build_parser().parse_args(["serve"]).command == "serve"
+
+
+def test_healthcheck_probes_readyz_and_gives_the_model_time_to_load(dockerfile: Dockerfile) -> None:
+    (healthcheck,) = dockerfile.runtime.all("HEALTHCHECK")
+    flags, rest = healthcheck.flags()
+    assert rest.startswith("CMD ")
+    probe = json.loads(rest.removeprefix("CMD ").strip())
+    assert "/readyz" in " ".join(probe)
+    assert _seconds(flags["start-period"]) >= 60, "loading and warming up the model takes a while"
+    # The probe must give up before Docker abandons it, or a hung server reads as a timeout.
+    (probe_timeout,) = re.findall(r"timeout=(\d+)", " ".join(probe))
+    assert int(probe_timeout) < _seconds(flags["timeout"])
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", value)
+    assert match, f"unexpected duration {value!r}"
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+class _Readyz(http.server.BaseHTTPRequestHandler):
+    status = 503
+    paths: list[str] = []  # noqa: RUF012  (shared on purpose: the test reads what the probe asked)
+
+    def do_GET(self) -> None:
+        type(self).paths.append(self.path)
+        self.send_response(type(self).status if self.path == "/readyz" else 404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_healthcheck_probe_passes_only_when_ready(dockerfile: Dockerfile) -> None:
+    # The probe runs as written in the Dockerfile, against a local server on the port it is told.
+    (healthcheck,) = dockerfile.runtime.all("HEALTHCHECK")
+    probe = json.loads(healthcheck.flags()[1].removeprefix("CMD ").strip())
+    assert probe[0] == "python", "the runtime has no curl; the probe is stdlib Python"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "SHOTCACHE_PORT": str(server.server_address[1])}
+        results = {}
+        for status in (503, 200):
+            _Readyz.status = status
+            run = subprocess.run([sys.executable, *probe[1:]], env=env, capture_output=True, timeout=30, check=False)
+            results[status] = run.returncode
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert _Readyz.paths == ["/readyz", "/readyz"]
+    assert results[503] != 0, "a starting server (503) must not count as healthy"
+    assert results[200] == 0
+
+
+# --- the builder: CPU torch, layer order, the baked model ------------------------------------------
+
+
+def test_torch_comes_from_the_cpu_index_before_the_project(dockerfile: Dockerfile) -> None:
+    builder = dockerfile.stage("builder")
+    runs = [i.args for i in builder.all("RUN")]
+    args = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in builder.all("ARG")}
+    assert args["TORCH_INDEX_URL"] == CPU_INDEX
+
+    def first(predicate_text: str) -> int:
+        return next(n for n, run in enumerate(runs) if predicate_text in run)
+
+    torch_step = first('--index-url "$TORCH_INDEX_URL"')
+    assert '"torch==$TORCH_VERSION"' in runs[torch_step]
+    assert '"torchvision==$TORCHVISION_VERSION"' in runs[torch_step]
+    deps_step = first("-r /opt/requirements.txt")
+    project_step = first("pip install --no-deps /src")
+    assert torch_step < deps_step < project_step
+    # Plain PyPI for the rest, held to the CPU build by the constraints the torch step wrote.
+    assert "--index-url" not in runs[deps_step]
+    assert "-c /opt/torch-constraints.txt" in runs[deps_step]
+    assert "/opt/torch-constraints.txt" in runs[torch_step]
+    # A pair that belongs together: torchvision 0.N+15 goes with torch 2.N.
+    torch_minor = int(args["TORCH_VERSION"].split(".")[1])
+    assert args["TORCHVISION_VERSION"].split(".")[:2] == ["0", str(torch_minor + 15)]
+
+
+def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: Dockerfile) -> None:
+    # Layer caching: editing code must not reinstall torch and friends.
+    builder = dockerfile.stage("builder").instructions
+    order = [(i.keyword, i.args) for i in builder]
+    deps = next(n for n, (k, a) in enumerate(order) if k == "RUN" and "-r /opt/requirements.txt" in a)
+    copies = [(n, a) for n, (k, a) in enumerate(order) if k == "COPY"]
+    before = [a.split()[0] for n, a in copies if n < deps]
+    assert before == ["pyproject.toml"], f"only pyproject.toml may be copied before the deps install, not {before}"
+
+
+def test_baked_model_sits_where_the_service_looks(dockerfile: Dockerfile, tmp_path: Path) -> None:
+    # The entrypoint links <baked>/<folder>/* into <data dir>/<folder>/; the builder must bake in the
+    # layout the service itself reads, for both kinds of model.
+    from app.encoder import factory
+    from app.encoder.standin import standin_dir
+    from app.settings import Settings
+
+    baked = _entrypoint_default("SHOTCACHE_BAKED_DIR")
+    assert dockerfile.stage("builder").env()["SHOTCACHE_DATA_DIR"] == baked
+    builder_text = " ".join(i.args for i in dockerfile.stage("builder").instructions)
+    assert "shotcache build-offline-model" in builder_text  # default --out: standin_dir(SHOTCACHE_DATA_DIR)
+    assert standin_dir(Path("D")) == Path("D/models/offline-standin")
+    seen: dict[str, Any] = {}
+
+    def fake_load_model(source: object, data_dir: Path, *, cache_dir: Path | None = None) -> object:
+        seen["cache_dir"] = cache_dir
+        return object()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(factory, "load_model", fake_load_model)
+        factory.resolve_model(Settings(model="ViT-B-32", pretrained="openai", data_dir=tmp_path))
+    hub_cache = seen["cache_dir"]
+    assert isinstance(hub_cache, Path)
+    assert f"cache_dir='{baked}/{hub_cache.relative_to(tmp_path)}'" in builder_text
+
+
+def _entrypoint_default(name: str) -> str:
+    match = re.search(rf'"\$\{{{name}:-([^}}]+)\}}"', ENTRYPOINT.read_text())
+    assert match, f"{name} has no default in the entrypoint"
+    return match.group(1)
+
+
+def test_every_build_arg_is_documented(dockerfile: Dockerfile) -> None:
+    readme = DOCKER_README.read_text()
+    names = set(dockerfile.global_args)
+    for stage in dockerfile.stages:
+        names |= {i.args.partition("=")[0] for i in stage.all("ARG")}
+    assert {"MODEL", "PRETRAINED"} <= names
+    undocumented = sorted(n for n in names if f"`{n}`" not in readme)
+    assert not undocumented, f"build args missing from docker/README.md: {undocumented}"
