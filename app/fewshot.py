@@ -12,13 +12,12 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from cache_models import METHODS, CacheMethod, get_method
+from cache_models import CacheMethod, get_method
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
 PER_VIEW_METHODS = frozenset({"gda"})
-CACHE_METHODS = tuple(m for m in METHODS if m != "zero-shot")
 
 
 def method_inputs(

@@ -96,11 +96,6 @@ class Support:
     def n_rows(self) -> int:
         return int(self.keys.shape[0])
 
-    def one_hot(self) -> FloatArray:
-        out = np.zeros((self.n_rows, self.n_classes), dtype=np.float32)
-        out[np.arange(self.n_rows), self.labels] = 1.0
-        return out
-
     def class_sums(self) -> npt.NDArray[np.float64]:
         """Sum of each class's key rows, [N, d] in float64, in row blocks (no float64 copy of all keys)."""
         sums = np.zeros((self.n_classes, self.dim), dtype=np.float64)

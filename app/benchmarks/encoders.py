@@ -6,7 +6,6 @@ import gc
 import io
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -222,11 +221,3 @@ def default_rate(encoder: dict[str, Any] | None, model_prefix: str, batch: int) 
         if r["default"] and r["model"].startswith(model_prefix) and batch in r["img_per_s"]:
             return float(r["img_per_s"][batch])
     return None
-
-
-def paths_of(config: BenchConfig, split: str, per_class: int) -> list[tuple[Path, str]]:
-    root = config.datasets / "cifar10-mini" / split
-    out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        out += [(p, folder.name) for p in sorted(folder.glob("*.jpg"))[:per_class]]
-    return out

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 class _Job:
     pixels: Pixels
     future: Future[FloatArray] = field(default_factory=Future)
-    queued_at: float = field(default_factory=time.monotonic)
 
     @property
     def size(self) -> int:

@@ -62,10 +62,6 @@ class Manifest:
     def version_dir(self) -> str:
         return version_dir_name(self.version)
 
-    @property
-    def stored_bytes(self) -> int:
-        return self.meta.size + sum(entry.stored.size for entry in self.arrays)
-
     def to_bytes(self) -> bytes:
         body = {
             "format": FORMAT,
