@@ -70,6 +70,28 @@ def test_tip_x_two_keys_psi_is_the_single_cosine() -> None:
     np.testing.assert_allclose(m.predict(q), [[0.0 - 2.0 * 0.6, 10.0 - 2.0 * 0.6]], rtol=1e-6)
 
 
+def test_tip_x_kl_round_off_is_no_spread() -> None:
+    # One class: every posterior is [1.0], so every KL is 0 in exact arithmetic; float32 leaves
+    # +-6e-8 behind. Scaled onto the cosine range that noise once swung logits by 0.5 with the order
+    # of the keys (found by test_properties). It must count as no spread: psi == cos_min everywhere.
+    rng = np.random.default_rng(1)  # a draw whose KLs come out as -6e-8 .. 7e-9
+    keys = rng.standard_normal((3, 3)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    text = np.array([[0.6, 0.0, 0.8]], dtype=np.float32)
+    query = np.array([[0.0, 0.6, 0.8]], dtype=np.float32)
+    hp = {"alpha": 3.0, "beta": 4.0, "gamma": 2.0, "tau": 0.7, "scale": 50.0}
+    fits = [get_method("tip-x")(**hp).fit(keys[order], [0, 0, 0], text) for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0])]
+    psi = fits[0].psi_range
+    assert psi.kl_max == psi.kl_min
+    cos = keys @ keys.T
+    cos_min = float(cos[~np.eye(3, dtype=bool)].min())
+    expected = (
+        50.0 * float((query @ text.T)[0, 0]) + 3.0 * float(np.exp(-4.0 * (1 - query @ keys.T)).sum()) - 6.0 * cos_min
+    )
+    for m in fits:
+        np.testing.assert_allclose(m.predict(query), [[expected]], rtol=1e-5)
+
+
 def test_ape_by_hand() -> None:
     # d = 3. Class 0: text (0.6, 0, 0.8) and one identical key; class 1: (0, 0.6, 0.8) likewise.
     # Inter-class products per channel: (0, 0, 0.64) for every pair -> S = (0, 0, 0.64).
