@@ -20,6 +20,7 @@ from app.encoder.prompts import ClassPrompts
 from app.fewshot import build_method, method_inputs
 from app.images import ImageLimits, decode_image
 from cache_models import METHODS, CacheMethod, get_method
+from cache_models.selection import pick_best
 
 from .datasets import FolderDataset
 
@@ -173,7 +174,7 @@ def evaluate(
                     untuned = get_method(name)(scale=scale).fit(keys, key_labels, data.text, groups)
                     rows.append(_row(f"{name}@paper", k, seed, untuned, data))
             if AUTO in methods:
-                best = _lowest_loo_nll(fitted) or default_method
+                best = pick_best({n: m.tune_report for n, m in fitted.items()}) or default_method
                 rows.append(replace(_row(best, k, seed, fitted[best], data), method=AUTO, chosen=best))
     return rows
 
@@ -193,15 +194,6 @@ def _row(name: str, k: int, seed: int, method: CacheMethod, data: EncodedDataset
         loo_accuracy=None if report is None else report.accuracy,
         loo_nll=None if report is None else report.nll,
     )
-
-
-def _lowest_loo_nll(fitted: dict[str, CacheMethod]) -> str | None:
-    """The method with the lowest LOO cross-entropy, or None when no cache method was scored
-    (then only zero-shot has a score, and comparing it with nothing would always pick it)."""
-    scored = {n: m.tune_report.nll for n, m in fitted.items() if m.tune_report and m.tune_report.nll is not None}
-    if not set(scored) - {"zero-shot"}:
-        return None
-    return min(scored, key=lambda n: (round(scored[n], 6), list(fitted).index(n)))
 
 
 def _oracle_row(

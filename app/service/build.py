@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 
 from app.fewshot import build_method
 from cache_models import METHODS, CacheMethod
+from cache_models.selection import pick_best
 
 from .errors import InvalidInput
-from .task import FloatArray, IntArray, MethodFit, abstain_threshold, pick_best
+from .task import FloatArray, IntArray, MethodFit, abstain_threshold
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def fit_methods(
 def choose_method(requested: str, fits: Mapping[str, MethodFit], default: str) -> str:
     """`auto`: best leave-one-out score; a method name: that method; else the model's default."""
     if requested == AUTO:
-        best = pick_best(list(fits.values()))
-        return best.name if best is not None else default
+        best = pick_best({name: fit.method.tune_report for name, fit in fits.items()})
+        return best if best is not None else default
     if requested not in fits:
         raise InvalidInput(f"unknown method {requested!r}; valid: {AUTO}, {', '.join(fits)}", code="unknown_method")
     return requested

@@ -6,7 +6,7 @@ the reference sees one version whole, never a mix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,12 +133,3 @@ class Task:
             out.append(Prediction(label, ranked, fit.name, reason))
         return out
 
-
-def pick_best(fits: Sequence[MethodFit]) -> MethodFit | None:
-    """The method with the lowest calibrated leave-one-out cross-entropy (ties: higher accuracy), or
-    None when leave-one-out scored no cache method (one shot per class): zero-shot would then win
-    by default, not by comparison."""
-    scored = [f for f in fits if f.loo_nll is not None and f.loo_accuracy is not None]
-    if not [f for f in scored if f.name != "zero-shot"]:
-        return None
-    return min(scored, key=lambda f: (round(f.loo_nll or 0.0, 6), -(f.loo_accuracy or 0.0)))

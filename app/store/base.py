@@ -89,6 +89,19 @@ class DamagedTaskError(Exception):
         self.damaged = damaged
 
 
+class VersionConflict(ValueError):  # noqa: N818 (the condition, like DamagedTask)
+    """`TaskStore.save` lost a race: the live version is not older than the one being saved.
+
+    `live` is the version that is live now (None: the task does not exist any more). The writer built
+    its snapshot from an older version; it must reload and retry (or report the conflict), never
+    overwrite: this is the store's compare-and-set.
+    """
+
+    def __init__(self, message: str, *, live: int | None) -> None:
+        super().__init__(message)
+        self.live = live
+
+
 class TaskStore(Protocol):
     """Durable storage of task snapshots, one live version per (tenant, task id)."""
 
@@ -96,8 +109,14 @@ class TaskStore(Protocol):
         """Store `snapshot` durably and atomically, replacing older versions of the task.
 
         When this returns the snapshot survives a crash; if it raises or the process dies first, the
-        previous version stays intact. Raises ValueError if `snapshot.version` is not above the stored one.
+        previous version stays intact. Raises VersionConflict (a ValueError) if `snapshot.version` is not
+        above the live one: a writer that built from a stale version never overwrites a newer one.
         """
+        ...
+
+    def live_version(self, tenant: str, task_id: str) -> int | None:
+        """The live version number of a task (None if it does not exist), without loading it: the cheap
+        check a replica makes on every request to see whether its cached copy is still current."""
         ...
 
     def load(self, tenant: str, task_id: str) -> TaskSnapshot | None:

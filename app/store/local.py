@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from app.store.base import DamagedTask, DamagedTaskError, TaskSnapshot, TaskStore, check_id
+from app.store.base import DamagedTask, DamagedTaskError, TaskSnapshot, TaskStore, VersionConflict, check_id
 from app.store.durable_files import (
     file_sha256,
     fsync_dir,
@@ -107,9 +107,10 @@ class LocalDirStore(TaskStore):
         with self._task_lock(snapshot.tenant, snapshot.task_id):
             stored_version = self._stored_version(task_dir)
             if stored_version is not None and snapshot.version <= stored_version:
-                raise ValueError(
+                raise VersionConflict(
                     f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} is not newer "
-                    f"than the stored version {stored_version}"
+                    f"than the stored version {stored_version}",
+                    live=stored_version,
                 )
             if stored_version is None:
                 # Fsync both parents even if another thread created them: its fsync may still be pending,
@@ -150,6 +151,11 @@ class LocalDirStore(TaskStore):
             return self._read_task(task_dir, tenant, task_id)
         except _DamageError as damage:
             raise DamagedTaskError(DamagedTask(tenant, task_id, str(task_dir), str(damage))) from None
+
+    def live_version(self, tenant: str, task_id: str) -> int | None:
+        # One small file read; an unreadable manifest reads as "no live version" here and is reported
+        # as damage by `load`.
+        return self._stored_version(self._task_dir(tenant, task_id))
 
     def delete(self, tenant: str, task_id: str) -> bool:
         task_dir = self._task_dir(tenant, task_id)
