@@ -132,4 +132,3 @@ class Task:
                     )
             out.append(Prediction(label, ranked, fit.name, reason))
         return out
-
