@@ -11,6 +11,7 @@ Formulas: docs/methods.md of the project (shared/docs/methods.md).
 from .ape import APE
 from .base import CacheMethod
 from .gda import GDA
+from .proker import ProKeR
 from .registry import METHODS, REGISTRY, get_method
 from .tip_adapter import TipAdapter
 from .tip_x import TipX
@@ -23,6 +24,7 @@ __all__ = [
     "METHODS",
     "REGISTRY",
     "CacheMethod",
+    "ProKeR",
     "TipAdapter",
     "TipX",
     "TuneReport",

@@ -24,7 +24,8 @@ from .key_index import KeyIndex
 from .tip_adapter import BETA_GRID, alpha_grid, cache_weights
 from .tuning import LooScorer, TermKey, masked_cache_terms
 
-GAMMA_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the official search range, [0, 0.5]
+# gamma sharpens the per-key weight exp(gamma * D); the official searches reach about 1.5.
+GAMMA_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5)
 CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of d; 1.0 keeps every channel
 _EPS = 1e-6  # the official smoothing inside D's log2
 _BLOCK = 1024  # key rows per block of the [M, N] prior
@@ -126,7 +127,7 @@ class APE(KeyCacheMethod):
     """APE. Defaults are the official training-free ones (alpha 2, beta 1, gamma 0.1, lambda1 0.7,
     lambda2 0.3); n_channels = 0 means half of d.
 
-    Default grid: alpha and beta as Tip-Adapter, gamma in {0, 0.1, ..., 0.5}, n_channels in
+    Default grid: alpha and beta as Tip-Adapter, gamma in {0, 0.1, ..., 0.5, 0.75, ..., 1.5}, n_channels in
     {1/4, 1/2, 3/4, 1} of d. Staged: (alpha, beta), then (gamma, n_channels), then alpha again,
     repeated until stable (at most twice). lambda1/lambda2 are not tuned. The channel criterion uses
     the full support.
@@ -186,6 +187,9 @@ class APE(KeyCacheMethod):
 
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha", "beta"), ("gamma", "n_channels"), ("alpha",)]
+
+    def few_shot_rule(self, temperature: float) -> dict[str, float]:
+        return self._single_shot_params(temperature)  # the key caches' single-shot rule (key_cache.py)
 
     def _loo_scorer(self, support: Support, rows: IntArray) -> LooScorer:
         return _ApeScorer(self, support, rows)

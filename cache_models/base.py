@@ -10,6 +10,7 @@ from typing import ClassVar, Self
 import numpy as np
 
 from ._validation import FloatArray, IntArray, Support, as_features, make_support
+from .few_shot import few_shot_choice
 from .tuning import LooScorer, TuneReport, scored_rows, search
 
 HyperValue = float | int
@@ -94,10 +95,10 @@ class CacheMethod(ABC):
         """Logits float32 [Q, N] for L2-normalised queries [Q, d].
 
         `top_k` keeps only each query's k largest key affinities in the cache terms (exact FAISS
-        k-NN over the keys; Tip-X's KL term uses the same k keys), so it approximates the full sum
-        over keys by dropping the keys whose weights exp(-beta * (1 - cos)) are smallest; with
+        k-NN over the keys; Tip-X's KL penalty stays the exact full sum), so it approximates the full
+        sum over keys by dropping the keys whose weights exp(-beta * (1 - cos)) are smallest; with
         k >= M it is exact. It bounds which keys vote, not the cost: the k-NN search still meets
-        every key. Methods without a key cache (zero-shot, gda) ignore it. Queries are scored in
+        every key. Methods without a key cache (zero-shot, gda, proker) ignore it. Queries are scored in
         blocks of PREDICT_CHUNK, so a large batch never holds a [Q, M] matrix.
         """
         support = self._require_fitted()
@@ -170,6 +171,8 @@ class CacheMethod(ABC):
         else:
             scorer = self._loo_scorer(support, rows)
             report = search(scorer, support.labels[rows], self._float_params(), search_grid, stages)
+            if grid is None:
+                report = few_shot_choice(self, support, scorer, rows, report)
             report = dataclasses.replace(report, rows=support.source_rows[rows])
         self._hp.update(self._checked(report.hyperparams))
         self.tune_report = dataclasses.replace(report, hyperparams=self.hyperparams)
@@ -185,6 +188,11 @@ class CacheMethod(ABC):
         support = make_support(keys, labels, text, groups)
         grid = {k: [float(v) for v in values] for k, values in self._default_grid(support).items()}
         return grid, [list(stage) for stage in self._stages()]
+
+    def few_shot_rule(self, temperature: float) -> dict[str, float] | None:
+        """Hyper-parameters for one or two shots per class from the shots' zero-shot temperature
+        (cache_models.few_shot); None: leave-one-out's pick stands."""
+        return None
 
     def _single_shot_fallback(self, support: Support) -> TuneReport | None:
         """Hyper-parameters when leave-one-out cannot score anything; None keeps the current values."""

@@ -25,6 +25,9 @@ F64 = npt.NDArray[np.float64]
 
 _BLOCK = 4096  # sample rows converted to float64 at once
 ALPHA_GRID = log_grid(1e-4, 1e3, 3)  # the paper's {1e-4 .. 1e2}, extended up for weak text priors
+# The few-shot rule (cache_models.few_shot): alpha = this x the shots' zero-shot temperature. Chosen on
+# simulated 2-shot tasks from the TRAIN splits of both shared data sets (docs/benchmarks.md).
+FEW_SHOT_ALPHA_PER_TEMPERATURE = 0.003
 
 
 def class_means(support: Support) -> tuple[F64, IntArray]:
@@ -158,6 +161,9 @@ class GDA(CacheMethod):
 
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha",)]
+
+    def few_shot_rule(self, temperature: float) -> dict[str, float]:
+        return {"alpha": FEW_SHOT_ALPHA_PER_TEMPERATURE * temperature}
 
     def _loo_scorer(self, support: Support, rows: IntArray) -> LooScorer:
         return _GdaScorer(support, rows, self.scale)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from .ape import APE
 from .base import CacheMethod
 from .gda import GDA
+from .proker import ProKeR
 from .tip_adapter import TipAdapter
 from .tip_x import TipX
 from .zero_shot import ZeroShot
 
-_CLASSES: tuple[type[CacheMethod], ...] = (ZeroShot, TipAdapter, TipX, APE, GDA)
+_CLASSES: tuple[type[CacheMethod], ...] = (ZeroShot, TipAdapter, TipX, APE, GDA, ProKeR)
 REGISTRY: dict[str, type[CacheMethod]] = {cls.name: cls for cls in _CLASSES}
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 

@@ -30,6 +30,7 @@ is never refitted per point.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -355,20 +356,40 @@ def search(
     if current_logits is None:
         current_logits = scorer.logits(current)
 
-    calibrated = current_logits / np.float32(current_score.temperature)
+    return _report(current, current_score, current_logits, labels, len(seen))
+
+
+def _report(params: Params, score: _Score, logits: FloatArray, labels: IntArray, n_evaluated: int) -> TuneReport:
+    calibrated = logits / np.float32(score.temperature)
     # The top calibrated probability is 1 / sum_c exp(z_c - max z): no [rows, N] float64 softmax needed.
     shifted = calibrated - calibrated.max(axis=1, keepdims=True)
     confidence = (1.0 / np.exp(shifted).sum(axis=1, dtype=np.float64)).astype(np.float32)
     return TuneReport(
-        hyperparams=dict(current),
-        accuracy=current_score.accuracy,
-        nll=current_score.nll,
-        temperature=current_score.temperature,
+        hyperparams=dict(params),
+        accuracy=score.accuracy,
+        nll=score.nll,
+        temperature=score.temperature,
         n_scored=int(labels.size),
         confidence=confidence,
         correct=np.argmax(calibrated, axis=1) == labels,
-        n_evaluated=len(seen),
+        n_evaluated=n_evaluated,
     )
+
+
+def prefer_rule(
+    scorer: LooScorer, labels: IntArray, searched: TuneReport, rule: Mapping[str, float], *, margin: float, why: str
+) -> TuneReport:
+    """The rule's point unless the searched one beats it by more than `margin` in calibrated LOO
+    cross-entropy (nats per scored row). For supports where leave-one-out is nearly degenerate (a
+    held-out shot leaves its class one shot): there its preference is noisy, so it must win clearly.
+    Both points are scored by the same scorer, so the report is LOO's own judgement of the rule."""
+    logits = scorer.logits(dict(rule))
+    score = _score(logits, labels, searched.temperature)
+    searched_nll = searched.nll if searched.nll is not None else np.inf
+    if searched_nll < score.nll - margin:
+        return searched
+    report = _report(dict(rule), score, logits, labels, searched.n_evaluated + 1)
+    return dataclasses.replace(report, fallback=why)
 
 
 def _rank(

@@ -71,4 +71,5 @@ HYPERPARAMS: dict[str, dict[str, float | int]] = {
     "tip-x": {"alpha": 3.0, "beta": 4.0, "gamma": 2.0, "tau": 0.7, "scale": 50.0},
     "ape": {"alpha": 3.0, "beta": 4.0, "gamma": 0.4, "n_channels": 5, "lambda1": 0.6, "lambda2": 0.5, "scale": 50.0},
     "gda": {"alpha": 0.3, "scale": 50.0},
+    "proker": {"beta": 2.5, "lam": 0.3, "scale": 50.0},
 }

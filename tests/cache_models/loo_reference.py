@@ -3,7 +3,7 @@
 Statistics methods.md allows to come from the FULL support are taken from it, as the library does:
 Tip-X's psi constants (a range, frozen at fit time), APE's channel selection (criterion over text
 and all keys), GDA's shrinkage scalar trace(Sigma). Everything that is the cache (keys, class means,
-GDA's scatter) excludes the held-out shot's whole group.
+GDA's scatter, ProKeR's whole ridge solve) excludes the held-out shot's whole group.
 
 Count correction (cache_models/tuning.py): for the key caches the own class's summed terms (cache
 and Tip-X penalty, i.e. logits - Z in that column) are scaled by R_c / (R_c - g), R_c the rows of
@@ -42,6 +42,8 @@ def loo_logits(name: str, t: Task, groups: npt.NDArray[np.int64], rows: npt.Arra
         factor = np.sum(t.labels == own) / np.sum(labels == own)
         if name == "zero-shot":
             out.append(reference.zero_shot(q, t.text, hp.get("scale", 100.0)))
+        elif name == "proker":  # a plain refit: kernel ridge's leave-group-out needs no correction
+            out.append(reference.proker(q, keys, labels, t.text, **hp))
         elif name == "gda":
             precision = reference.gda_precision(keys, labels, n, trace=full_trace)
             out.append(reference.gda(q, keys, labels, t.text, precision=precision, **hp))

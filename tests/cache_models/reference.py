@@ -84,7 +84,15 @@ def tip_x(
     mask = top_k_mask(A, top_k)
     kl = kl_matrix(tip_x_probs(f, W, tau), tip_x_probs(F, W, tau))
     psi_kl = (kl - kmin) / (kmax - kmin) * (cmax - cmin) + cmin
-    out: F64 = zero_shot(f, W, scale) + alpha * (np.exp(-beta * (1.0 - A)) * mask) @ L - gamma * (psi_kl * mask) @ L
+    # top_k: the penalty is always the full sum over keys; in the cache term, each class's dropped keys
+    # vote as if all sat at their mean cosine with the query.
+    cache = (np.exp(-beta * (1.0 - A)) * mask) @ L
+    for q in range(f.shape[0]):
+        for c in range(W.shape[0]):
+            dropped = (mask[q] == 0) & (np.asarray(labels) == c)
+            if dropped.any():
+                cache[q, c] += dropped.sum() * np.exp(-beta * (1.0 - A[q, dropped].mean()))
+    out: F64 = zero_shot(f, W, scale) + alpha * cache - gamma * psi_kl @ L
     return out
 
 
@@ -177,11 +185,21 @@ def gda(queries, keys, labels, text, *, alpha=1.0, scale=100.0, precision=None, 
     return out
 
 
+def proker(queries, keys, labels, text, *, beta=1.7, lam=0.1, scale=100.0) -> F64:
+    """logits = s (f W^T + k(f, F) (K / lam + I)^-1 (L - F W^T)), K = exp(-beta (1 - F F^T))."""
+    f, F, W = (np.asarray(a, np.float64) for a in (queries, keys, text))
+    L = one_hot(labels, W.shape[0])
+    K = np.exp(-beta * (1.0 - F @ F.T))
+    A = np.linalg.solve(K / lam + np.eye(F.shape[0]), L - F @ W.T)
+    out: F64 = scale * (f @ W.T + np.exp(-beta * (1.0 - f @ F.T)) @ A)
+    return out
+
+
 def predict(name: str, queries, keys, labels, text, **hp) -> F64:
     """Reference logits of method `name` fitted on (keys, labels, text)."""
     if name == "zero-shot":
         return zero_shot(queries, text, hp.get("scale", 100.0))
-    functions = {"tip-adapter": tip_adapter, "tip-x": tip_x, "ape": ape, "gda": gda}
+    functions = {"tip-adapter": tip_adapter, "tip-x": tip_x, "ape": ape, "gda": gda, "proker": proker}
     if name == "ape" and hp.get("n_channels", 0) == 0:
         hp = {**hp, "n_channels": max(1, np.asarray(text).shape[1] // 2)}
     out: F64 = functions[name](queries, keys, labels, text, **hp)
