@@ -146,7 +146,9 @@ class CacheMethod(ABC):
         starting from the current values. Only rows whose class has two or more shots (groups) are
         scored; when no row can be (one shot per class), the method's single-shot rule applies
         (`_single_shot_fallback`: the key caches scale alpha by the zero-shot temperature, others keep
-        their current values) and `tune_report.fallback` says so. The report is `tune_report`.
+        their current values) and `tune_report.fallback` says so. With two shots or fewer in some
+        class, the method's few-shot rule competes with the search's pick (cache_models.few_shot).
+        The report is `tune_report`.
         """
         support = make_support(keys, labels, text, groups)
         if grid is not None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
+import numpy as np
 import pytest
 
 from app.encoder.encoder import Encoder
 from app.evaluation.datasets import FolderDataset, load_folder_dataset
-from app.evaluation.run import EncodedDataset, ResultRow, encode_dataset, evaluate
+from app.evaluation.run import EncodedDataset, ResultRow, encode_dataset, evaluate, sample_shots
+from app.fewshot import build_method
 from tests.conftest import dataset_dir
 
-CACHE_METHODS = ("tip-adapter", "tip-x", "ape", "gda")
+CACHE_METHODS = ("tip-adapter", "tip-x", "ape", "gda", "proker")
 SEEDS = (1, 2, 3)
 
 
@@ -74,11 +76,13 @@ def test_every_cache_method_beats_zero_shot_at_16_shots(
 
 def test_more_shots_help_and_one_shot_beats_chance(textile: EncodedDataset, encoder: Encoder) -> None:
     """The class names of textile-defects mean nothing to the text tower (zero-shot is chance, 1/3):
-    the single-shot rule must let the cache speak, and 16 shots must beat 2."""
+    the few-shot rule must let the cache speak at 1 and 2 shots, and 16 shots must beat 2."""
     rows = _run(textile, encoder, (1, 2, 16))
     assert _mean_accuracy(rows, "zero-shot", 1) == pytest.approx(1 / 3, abs=0.05)
-    for method in ("tip-adapter", "tip-x", "ape"):
-        assert _mean_accuracy(rows, method, 1) >= 0.55  # measured 0.646-0.648
+    for method in ("tip-adapter", "tip-x", "ape", "proker"):
+        assert _mean_accuracy(rows, method, 1) >= 0.52  # measured 0.622-0.648
+    for method in CACHE_METHODS:  # GDA too: at 2 shots its rule, not leave-one-out's alpha ~ 0
+        assert _mean_accuracy(rows, method, 2) >= 0.55  # measured 0.643-0.670
     for method in CACHE_METHODS:
         assert _mean_accuracy(rows, method, 16) >= _mean_accuracy(rows, method, 2)
 
@@ -91,3 +95,20 @@ def test_leave_one_out_picks_what_it_reports(cifar: EncodedDataset, encoder: Enc
         if row.method in CACHE_METHODS:
             assert row.loo_accuracy is not None
             assert abs(row.loo_accuracy - row.accuracy) <= 0.3, row  # measured at most 0.18
+
+
+def test_tip_x_top_k_is_as_accurate_as_the_exact_sum(cifar: EncodedDataset, encoder: Encoder) -> None:
+    """top_k >= 4K keys must classify like the full sum (issue 11). Before the fix the KL penalty was
+    truncated with the affinity: measured on this subset, 16 shots, seeds 1-3, exact 62.1% and
+    top_k = 64 43.9% (one seed at 7.7%); after it, 62.3% (within 0.3 points at k = 40, 64, 128)."""
+    exact, truncated = [], {k: [] for k in (40, 64, 128)}
+    for seed in SEEDS:
+        picked = sample_shots(cifar.train_labels, 16, seed)
+        method = build_method(
+            "tip-x", cifar.train_views[picked], cifar.train_labels[picked], cifar.text, 1, scale=encoder.logit_scale
+        )
+        exact.append(np.mean(method.predict(cifar.test_features).argmax(axis=1) == cifar.test_labels))
+        for k, accuracies in truncated.items():
+            accuracies.append(np.mean(method.predict(cifar.test_features, top_k=k).argmax(axis=1) == cifar.test_labels))
+    for k, accuracies in truncated.items():
+        assert abs(statistics.mean(accuracies) - statistics.mean(exact)) <= 0.01, (k, accuracies, exact)

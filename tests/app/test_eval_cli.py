@@ -39,18 +39,18 @@ def test_eval_prints_the_table_and_writes_the_json(
     printed = capsys.readouterr().out
     assert "| method | 1 shot | 2 shot |" in printed
     assert "| tip-adapter@paper |" in printed
-    for method in ("zero-shot", "tip-adapter", "tip-x", "ape", "gda", "auto"):
+    for method in ("zero-shot", "tip-adapter", "tip-x", "ape", "gda", "proker", "auto"):
         assert f"| {method} |" in printed
     payload = json.loads(out.read_text())
     assert payload["model"].startswith("offline-standin@")
     assert payload["dataset"] == "mini"
     results = payload["results"]
-    assert len(results) == 2 * 2 * 6  # shots x seeds x methods
+    assert len(results) == 2 * 2 * 7  # shots x seeds x methods (6 and auto)
     for row in results:
         assert set(row) >= {"method", "shots", "seed", "accuracy", "hyperparams"}
         assert 0.0 <= row["accuracy"] <= 1.0
     chosen = {r["chosen"] for r in results if r["method"] == "auto"}
-    assert chosen <= {"tip-adapter", "tip-x", "ape", "gda", "zero-shot"}
+    assert chosen <= {"tip-adapter", "tip-x", "ape", "gda", "proker", "zero-shot"}
 
 
 def test_class_names_come_from_folders(tmp_path: Path) -> None:
