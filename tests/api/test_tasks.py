@@ -201,7 +201,7 @@ def test_health_and_info(api_client: TestClient, base_task: dict[str, Any]) -> N
     info = api_client.get("/v1/info").json()
     assert info["model"]["model_id"] == base_task["model"]
     assert info["model"]["standin"] is True
-    assert set(info["methods"]) == {"auto", "zero-shot", "tip-adapter", "tip-x", "ape", "gda"}
+    assert set(info["methods"]) == {"auto", "zero-shot", "tip-adapter", "tip-x", "ape", "gda", "proker"}
     assert info["default_method"] in info["methods"]
     settings = api_client.app.state.settings  # type: ignore[attr-defined]
     for key in (
