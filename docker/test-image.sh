@@ -201,7 +201,10 @@ for target in "$app_dir/injected.py" /opt/venv/bin/injected /opt/shotcache/data/
     if docker exec "$NAME" sh -c "touch '$target'" 2>/dev/null; then fail "$target is writable by the service"; fi
 done
 docker exec "$NAME" sh -c 'touch /data/.write-test && rm /data/.write-test' || fail "/data is not writable"
-log "uid 10001, PID 1 dumb-init, code read-only ($app_dir), /data writable"
+for module in torch open_clip timm transformers torchvision; do
+    if docker exec "$NAME" python -c "import $module" 2>/dev/null; then fail "the runtime image has $module"; fi
+done
+log "uid 10001, PID 1 dumb-init, code read-only ($app_dir), /data writable, no torch in the image"
 
 # A task from real images: 4 shots of 3 classes from train/, 6 queries from test/.
 classes="cat dog ship"
@@ -245,9 +248,10 @@ docker stop -t 30 "$NAME" >/dev/null
 STOP=$(elapsed "$t0" "$(now)")
 code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
 docker logs "$NAME" >"$OUT/container.log" 2>&1
-[ "$code" = 0 ] || fail "exit code $code after docker stop (137 = killed)"
+# uvicorn re-raises the SIGTERM it handled once it has shut down: 143 (128 + 15) is the clean exit.
+case "$code" in 0 | 143) ;; *) fail "exit code $code after docker stop (137 = killed)" ;; esac
 grep -q "Finished server process" "$OUT/container.log" || fail "uvicorn did not shut down cleanly"
-log "stopped gracefully in $STOP s (exit 0)"
+log "stopped gracefully in $STOP s (exit $code)"
 
 cat >"$OUT/summary.txt" <<EOF
 image $IMAGE (base $BASE): $SIZE bytes ($((SIZE / 1000000)) MB)

@@ -26,6 +26,7 @@ from .dockerfile import (
     REPO,
     Dockerfile,
     Instruction,
+    Stage,
     parse_dockerfile,
 )
 
@@ -196,26 +197,42 @@ def test_healthcheck_probe_passes_only_when_ready(dockerfile: Dockerfile) -> Non
 INDEX_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "WHEELHOUSE")
 
 
+def _ancestry(dockerfile: Dockerfile, stage: Stage) -> list[str]:
+    """The stage names a stage is built on, nearest first."""
+    names = {s.name for s in dockerfile.stages}
+    chain: list[str] = []
+    while stage.base in names:
+        chain.append(stage.base)
+        stage = dockerfile.stage(stage.base)
+    return chain
+
+
 def test_every_pip_step_takes_the_one_set_of_index_args(dockerfile: Dockerfile) -> None:
-    builder = dockerfile.stage("builder")
-    order = builder.instructions
-    first_pip = next(n for n, i in enumerate(order) if i.keyword == "RUN" and "pip install" in i.args)
-    declared = {i.args.partition("=")[0] for i in order[:first_pip] if i.keyword == "ARG"}
-    assert set(INDEX_ARGS) <= declared, "declared before the first pip step, so every pip step sees them"
+    pip = dockerfile.stage("pip")
+    order = pip.instructions
+    first_run = next(n for n, i in enumerate(order) if i.keyword == "RUN")
+    declared = {i.args.partition("=")[0] for i in order[:first_run] if i.keyword == "ARG"}
+    assert set(INDEX_ARGS) <= declared
     # No default: an unset ARG is no environment variable at all, so pip keeps its own index.
     assert all("=" not in i.args for i in order if i.keyword == "ARG" and i.args.partition("=")[0] in INDEX_ARGS)
-    # pip reads PIP_* from the environment; a step naming its own index would escape the build args.
-    for instruction in builder.all("RUN"):
-        for flag in ("--index-url", "--extra-index-url", "-i ", "--find-links", "--no-index", "--isolated"):
-            assert flag not in instruction.args, f"a pip step sets {flag} itself: {instruction.args[:80]}"
-    env = builder.env()
-    (wheel_copy,) = [i for i in builder.all("COPY") if "${WHEELHOUSE" in i.args]
+    env = pip.env()
+    (wheel_copy,) = [i for i in pip.all("COPY") if "${WHEELHOUSE" in i.args]
     source, dest = wheel_copy.args.split()
     assert source == "${WHEELHOUSE:-docker/no-wheelhouse}"
     assert (REPO / "docker/no-wheelhouse").is_dir()
     assert env["PIP_NO_INDEX"] == "${WHEELHOUSE:+1}"
     assert env["PIP_FIND_LINKS"] == "${WHEELHOUSE:+" + dest.rstrip("/") + "}"
-    assert not [i for s in dockerfile.stages if s is not builder for i in s.all("RUN") if "pip " in i.args]
+    pip_stages = [s for s in dockerfile.stages if any("pip " in i.args for i in s.all("RUN"))]
+    assert {s.name for s in pip_stages} >= {"project", "builder", "serving"}
+    for stage in pip_stages:
+        # Every stage that runs pip is built on `pip`, so it has these ENV values and nothing overrides them.
+        assert stage is pip or "pip" in _ancestry(dockerfile, stage), f"stage {stage.name} runs pip outside `pip`"
+        assert not {k for k in stage.env() if k.startswith("PIP_")} - set(env) or stage is pip
+        for instruction in stage.all("RUN"):
+            # pip reads PIP_* from the environment; a step naming its own index would escape the build args.
+            for flag in ("--index-url", "--extra-index-url", "-i ", "--find-links", "--no-index", "--isolated"):
+                assert flag not in instruction.args, f"a pip step sets {flag} itself: {instruction.args[:80]}"
+    assert "pip" not in _ancestry(dockerfile, dockerfile.runtime), "the runtime image does not carry pip's settings"
 
 
 def _probe_wheel(folder: Path) -> None:
@@ -270,17 +287,52 @@ def test_pip_obeys_the_environment_the_builder_sets(tmp_path: Path, wheelhouse: 
 
 
 def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: Dockerfile) -> None:
-    # Layer caching: editing code must not reinstall torch and friends.
-    builder = dockerfile.stage("builder").instructions
-    order = [(i.keyword, i.args) for i in builder]
-    deps = next(n for n, (k, a) in enumerate(order) if k == "RUN" and "-r /opt/build/requirements.txt" in a)
-    assert "requirements.py --part deps" in order[deps][1]
-    project = next(n for n, (k, a) in enumerate(order) if k == "RUN" and "pip install --no-deps /src" in a)
-    assert deps < project
-    copies = [(n, a) for n, (k, a) in enumerate(order) if k == "COPY"]
-    before = sorted(s for n, a in copies if n < deps for s in a.split()[:-1])
-    expected = ["${WHEELHOUSE:-docker/no-wheelhouse}", "docker/requirements-image.txt", "docker/requirements.py"]
-    assert before == sorted([*expected, "pyproject.toml"]), f"copied before the deps install: {before}"
+    # Layer caching: editing code must not reinstall torch and friends. The source goes only into the
+    # `project` stage (which builds the wheel); the stages that install dependencies get the wheel after.
+    context_copies = {
+        s.name: [src for i in s.all("COPY") if "from" not in i.flags()[0] for src in i.flags()[1].split()[:-1]]
+        for s in dockerfile.stages
+    }
+    assert sorted(context_copies["pip"]) == sorted(
+        [
+            "${WHEELHOUSE:-docker/no-wheelhouse}",
+            "pyproject.toml",
+            "docker/requirements.py",
+            "docker/requirements-image.txt",
+            "docker/requirements-runtime.txt",
+        ]
+    )
+    assert {"app", "api", "cache_models"} <= set(context_copies["project"])
+    for name in ("builder", "serving"):
+        stage = dockerfile.stage(name)
+        assert not context_copies[name], f"{name} copies {context_copies[name]} from the context"
+        order = [(i.keyword, i.args) for i in stage.instructions]
+        deps = next(
+            n
+            for n, (k, a) in enumerate(order)
+            if k == "RUN" and f"--part {'builder' if name == 'builder' else 'runtime'}" in a
+        )
+        wheel = next(n for n, (k, a) in enumerate(order) if k == "COPY" and a.startswith("--from=project"))
+        install = next(n for n, (k, a) in enumerate(order) if k == "RUN" and "pip install --no-deps /opt/dist/" in a)
+        assert deps < wheel < install
+
+
+def test_runtime_takes_the_serving_venv_and_the_baked_model(dockerfile: Dockerfile) -> None:
+    copies = {i.flags()[1].split()[0]: i.flags()[0].get("from") for i in dockerfile.runtime.all("COPY")}
+    assert copies["/opt/venv"] == "serving", "the torch-free venv, not the builder's"
+    assert copies["/opt/shotcache"] == "builder"
+    # The build proves the runtime opens the baked model without torch, as the service user.
+    users = [n for n, i in enumerate(dockerfile.runtime.instructions) if i.keyword == "USER"]
+    checks = [
+        n for n, i in enumerate(dockerfile.runtime.instructions) if i.keyword == "RUN" and "create_encoder" in i.args
+    ]
+    assert checks, "no start check in the runtime stage"
+    assert users
+    assert users[0] < checks[0], "the start check runs as the service user"
+    check = dockerfile.runtime.instructions[checks[0]].args
+    assert "shotcache-entrypoint" in check
+    assert "'torch'" in check
+    assert "sys.modules" in check
 
 
 def test_baked_model_sits_where_the_service_looks(dockerfile: Dockerfile, tmp_path: Path) -> None:

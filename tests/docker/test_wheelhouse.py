@@ -24,14 +24,31 @@ def requirements(*args: str) -> list[str]:
     return run.stdout.splitlines()
 
 
-def test_requirements_are_the_projects_dependencies_its_build_backend_and_the_init() -> None:
+TORCH_STACK = {"torch", "torchvision", "open-clip-torch", "timm", "transformers", "onnx", "onnxscript"}
+
+
+def names(lines: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ ;\[]", line, maxsplit=1)[0]).lower() for line in lines}
+
+
+def test_requirements_of_each_stage() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    deps, build = requirements("--part", "deps"), requirements("--part", "build")
-    assert deps[: len(pyproject["project"]["dependencies"])] == pyproject["project"]["dependencies"]
-    image_only = [line.split("#")[0].strip() for line in IMAGE_REQUIREMENTS.read_text().splitlines()]
-    assert [r for r in image_only if r] == deps[len(pyproject["project"]["dependencies"]) :]
+    dependencies = pyproject["project"]["dependencies"]
+    builder, runtime, build = (requirements("--part", p) for p in ("builder", "runtime", "build"))
+    # The builder builds and exports the model: every dependency, torch included.
+    assert builder == dependencies
     assert build == pyproject["build-system"]["requires"]
-    assert requirements() == deps + build, "the wheelhouse holds both lists"
+    # The runtime serves from exports: pyproject's own specifiers for the names it keeps, plus the init.
+    image_only = [line.split("#")[0].strip() for line in IMAGE_REQUIREMENTS.read_text().splitlines()]
+    image_only = [r for r in image_only if r]
+    assert runtime[len(runtime) - len(image_only) :] == image_only
+    assert set(runtime[: len(runtime) - len(image_only)]) <= set(dependencies)
+    assert not names(runtime) & TORCH_STACK, "the runtime image is torch-free"
+    assert {"onnxruntime", "tokenizers", "fastapi", "uvicorn", "faiss-cpu", "numpy", "pillow"} <= names(runtime)
+    # The wheelhouse holds every stage's wheels.
+    everything = requirements()
+    assert set(everything) == set(builder + runtime + build)
+    assert len(everything) == len(set(everything))
 
 
 def test_requirements_of_another_pyproject(tmp_path: Path) -> None:
@@ -39,7 +56,17 @@ def test_requirements_of_another_pyproject(tmp_path: Path) -> None:
     other = tmp_path / "pyproject.toml"
     other.write_text('[project]\ndependencies = ["a>=1"]\n[build-system]\nrequires = ["b"]\n')
     assert requirements("--part", "build", str(other)) == ["b"]
-    assert requirements("--part", "deps", str(other))[0] == "a>=1"
+    assert requirements("--part", "builder", str(other)) == ["a>=1"]
+    # A runtime name pyproject.toml does not depend on is an error, not a silently unpinned install.
+    run = subprocess.run(
+        [sys.executable, str(REQUIREMENTS_SCRIPT), "--part", "runtime", str(other)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode != 0
+    assert "numpy" in run.stderr
 
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make to dry-run the wheelhouse target")
@@ -69,8 +96,11 @@ def test_make_wheelhouse_downloads_the_image_requirements_for_linux_cp311(tmp_pa
     assert all(p.endswith("_x86_64") for p in platforms)
     # pip download takes only the tags it is given: every glibc up to bookworm's 2.36 must be named.
     assert {"manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"} <= set(platforms)
-    # The image installs binaries only too, so it needs nothing the wheelhouse could not hold.
-    assert "pip install --only-binary=:all: -r /opt/build/requirements.txt" in DOCKERFILE.read_text()
+    # The image installs these lists, binaries only, so it needs nothing the wheelhouse could not hold.
+    text = DOCKERFILE.read_text()
+    for part in ("builder", "runtime"):
+        assert f"requirements.py --part {part} /opt/build/pyproject.toml > /opt/build/{part}.txt" in text
+        assert re.search(rf"pip install --only-binary=:all: (-c \S+ )?-r /opt/build/{part}.txt", text)
 
 
 def _commands(script: str) -> str:
