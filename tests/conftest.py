@@ -50,7 +50,7 @@ def encoder(model_data_dir: Path) -> object:
     from app.encoder import create_encoder
     from app.settings import Settings
 
-    enc, _ = create_encoder(Settings(model="offline", data_dir=model_data_dir, threads=2))
+    enc, _ = create_encoder(Settings(model="offline", data_dir=model_data_dir, threads=2), torch_free=False)
     return enc
 
 

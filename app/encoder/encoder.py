@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from .backends import ImageTower, TextTower
-from .load import LoadedModel, ModelIdentity
+from .backends.base import ImageTower, TextTower
+from .load import ModelIdentity, PreprocessConfig
 from .preprocess import Pixels, Preprocessor
 from .prompts import ClassPrompts, class_prompt_texts
 
@@ -28,10 +28,25 @@ def l2_normalise(x: FloatArray) -> FloatArray:
     return out
 
 
+class ServedModel(Protocol):
+    """What the encoder needs of a model: a torch `LoadedModel`, or an `ExportedModel` read without torch."""
+
+    @property
+    def identity(self) -> ModelIdentity: ...
+    @property
+    def preprocess(self) -> PreprocessConfig: ...
+    @property
+    def logit_scale(self) -> float: ...
+    @property
+    def config_key(self) -> str: ...
+
+    def tokenize(self, texts: Sequence[str]) -> npt.NDArray[np.int64]: ...
+
+
 class Encoder:
     def __init__(
         self,
-        loaded: LoadedModel,
+        loaded: ServedModel,
         image_tower: ImageTower,
         text_tower: TextTower,
         *,
@@ -70,12 +85,12 @@ class Encoder:
         return self.preprocessor.size
 
     @property
-    def model(self) -> Any:
-        return self._loaded.model
+    def loaded(self) -> ServedModel:
+        return self._loaded
 
     @property
-    def loaded(self) -> LoadedModel:
-        return self._loaded
+    def config_key(self) -> str:
+        return self._loaded.config_key
 
     # ---- images -------------------------------------------------------------------------------
     def encode_pixels(self, pixels: Pixels) -> FloatArray:
@@ -107,8 +122,7 @@ class Encoder:
 
     # ---- text ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
-        tokens = self._loaded.tokenizer(list(texts))
-        return np.ascontiguousarray(tokens.numpy(), dtype=np.int64)
+        return self._loaded.tokenize(texts)
 
     def encode_texts(self, texts: Sequence[str]) -> FloatArray:
         """L2-normalised text features [n, d]."""

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
 
-from .backends import ImageTower, TextTower, TorchImageTower, TorchTextTower
-from .backends.export import ONNX_BACKENDS, ExportError
-from .encoder import Encoder
+from .backends import ImageTower, TextTower
+from .backends.cache import ONNX_BACKENDS, ExportError
+from .encoder import Encoder, ServedModel
 from .errors import EncoderLoadError
+from .exported import find_export, find_exported_model, open_towers, unreachable_reason
 from .load import LoadedModel, ModelSource, hub_reachable, load_model
 from .prompts import template_set
 from .resources import read_config
@@ -41,46 +43,73 @@ class ModelDefaults:
         return cls(template_set(entry["templates"]), entry["default_backend"], entry["default_method"])
 
 
-def configure_threads(threads: int) -> None:
+def configure_threads(threads: int, *, with_torch: bool = True) -> None:
     """Pin every thread pool to `threads` so torch, FAISS, BLAS and ONNX Runtime don't oversubscribe cores.
 
     ONNX Runtime gets its count per session (onnx_backend.make_session); torch's inter-op pool is one thread
     (the encoder lock serialises model calls anyway); numpy's BLAS (the cache methods' matmuls) and FAISS's
-    OpenMP follow `threads`.
+    OpenMP follow `threads`. `with_torch=False` leaves torch alone unless something imported it already.
     """
     import faiss
-    import torch
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(threads)
-    # Settable once per process, before any inter-op work; a later call raises and changes nothing.
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
+    if with_torch or "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+        # Settable once per process, before any inter-op work; a later call raises and changes nothing.
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
     faiss.omp_set_num_threads(threads)
     threadpool_limits(limits=threads)
 
 
 def resolve_model(settings: Settings) -> tuple[LoadedModel, str | None]:
     """Load the configured model; returns it and, for an `auto` fallback, why the stand-in is used."""
+    _, loaded, reason = _resolve(settings)
+    return loaded, reason
+
+
+def _resolve(settings: Settings) -> tuple[ModelSource, LoadedModel, str | None]:
     data_dir = settings.data_dir
     cache_dir = data_dir / "hub-cache"
     if settings.model != "auto":
-        return load_model(ModelSource.parse(settings.model, settings.pretrained), data_dir, cache_dir=cache_dir), None
+        source = ModelSource.parse(settings.model, settings.pretrained)
+        return source, load_model(source, data_dir, cache_dir=cache_dir), None
     real = ModelSource.parse(settings.auto_model, settings.pretrained)
     reason: str
     if _cached(real, cache_dir) or hub_reachable():
         try:
-            return load_model(real, data_dir, cache_dir=cache_dir), None
+            return real, load_model(real, data_dir, cache_dir=cache_dir), None
         except EncoderLoadError as exc:
             reason = str(exc)
     else:
-        reason = f"the Hugging Face hub is unreachable and {real.name}/{real.pretrained} is not cached"
+        reason = unreachable_reason(real)
+    announce_fallback(reason)
+    standin = ModelSource.parse("offline", None)
+    loaded = load_model(standin, data_dir)
+    from .card import write_auto_record
+
+    with contextlib.suppress(OSError):  # only a faster next start depends on it
+        write_auto_record(real, data_dir, _hub_repo(real))
+    return standin, loaded, reason
+
+
+def announce_fallback(reason: str) -> None:
     log.warning(
         "=== SERVING THE OFFLINE STAND-IN MODEL, NOT CLIP === %s. Accuracy is far below real CLIP; set "
         "SHOTCACHE_MODEL to a real model (name + SHOTCACHE_PRETRAINED file, or local-dir:PATH) for production.",
         reason,
     )
-    return load_model(ModelSource.parse("offline", None), data_dir), reason
+
+
+def _hub_repo(source: ModelSource) -> str | None:
+    if source.pretrained is None or Path(source.pretrained).is_file():
+        return None
+    import open_clip
+
+    repo = str(open_clip.get_pretrained_cfg(source.name, source.pretrained).get("hf_hub", "")).strip("/")
+    return repo or None
 
 
 def _cached(source: ModelSource, cache_dir: Path) -> bool:
@@ -98,6 +127,8 @@ def _hub_cache_has(source: ModelSource, cache_dir: Path) -> bool:
 def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[ImageTower, TextTower]:
     """The towers of `backend`. An ONNX backend that cannot be exported, verified or loaded falls back to
     torch with a warning naming the failed step; the towers' `name` then says `torch`."""
+    from .backends.torch_backend import TorchImageTower, TorchTextTower
+
     if backend == "torch":
         return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
     if backend in ONNX_BACKENDS:
@@ -119,23 +150,70 @@ def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[
     raise EncoderLoadError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
 
 
-def create_encoder(settings: Settings) -> tuple[Encoder, str | None]:
-    """The encoder the settings ask for, warmed up; and the stand-in fallback reason if any."""
+def create_encoder(settings: Settings, *, torch_free: bool = True) -> tuple[Encoder, str | None]:
+    """The encoder the settings ask for, warmed up; and the stand-in fallback reason if any.
+
+    With `torch_free` (the default) a model exported before is served from its exports without importing
+    torch (exported.py); else, or when anything is missing, it is loaded with torch and exported, and what
+    the next start needs to skip torch is written (card.py).
+    """
+    configure_threads(settings.threads, with_torch=False)
+    if torch_free and settings.backend != "torch":
+        opened = _open_exported(settings)
+        if isinstance(opened, tuple):
+            warm_up(opened[0])
+            return opened
+        log.info("serving with torch: %s", opened)
     configure_threads(settings.threads)
-    loaded, fallback = resolve_model(settings)
-    defaults = ModelDefaults.for_key(loaded.config_key)
-    backend = defaults.default_backend if settings.backend == "auto" else settings.backend
+    source, loaded, fallback = _resolve(settings)
+    backend = _backend(loaded.config_key, settings)
     image_tower, text_tower = make_towers(loaded, backend, settings)
-    encoder = Encoder(
-        loaded,
-        image_tower,
-        text_tower,
+    if image_tower.name != "torch":
+        try:
+            from .card import write_card
+
+            write_card(loaded, source, settings.data_dir)
+        except Exception as exc:  # only a torch-free next start depends on it
+            log.warning("could not write the model card of %s: %s", loaded.identity.model_id, exc)
+    encoder = _encoder(loaded, image_tower, text_tower, settings)
+    warm_up(encoder)
+    return encoder, fallback
+
+
+def _backend(config_key: str, settings: Settings) -> str:
+    return ModelDefaults.for_key(config_key).default_backend if settings.backend == "auto" else settings.backend
+
+
+def _encoder(model: ServedModel, image: ImageTower, text: TextTower, settings: Settings) -> Encoder:
+    defaults = ModelDefaults.for_key(model.config_key)
+    return Encoder(
+        model,
+        image,
+        text,
         batch_size=settings.batch_size,
         templates=defaults.templates,
         default_backend=defaults.default_backend,
     )
-    warm_up(encoder)
-    return encoder, fallback
+
+
+def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
+    """The encoder from exports alone (no torch import), or why not."""
+    found = find_exported_model(settings)
+    if isinstance(found, str):
+        return found
+    model, fallback = found
+    backend = _backend(model.config_key, settings)
+    export = find_export(model, backend, settings.data_dir)
+    if isinstance(export, str):
+        return f"no usable {backend} export of {model.identity.model_id}: {export}"
+    try:
+        image, text = open_towers(export, settings.threads)
+    except ExportError as exc:
+        return str(exc)
+    if fallback is not None:
+        announce_fallback(fallback)
+    log.info("serving %s from its %s export, without torch", model.identity.model_id, backend)
+    return _encoder(model, image, text, settings), fallback
 
 
 def warm_up(encoder: Encoder) -> None:

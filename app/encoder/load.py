@@ -12,9 +12,13 @@ import json
 import logging
 import math
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
 
 from .errors import EncoderLoadError
 from .standin import CONFIG_FILE, RECIPE_FILE, STANDIN_NAME, ensure_standin
@@ -114,6 +118,10 @@ class LoadedModel:
     identity: ModelIdentity
     logit_scale: float
     config_key: str  # key into configs/models.json
+
+    def tokenize(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
+        """[n, context length] token ids by open_clip's own tokenizer."""
+        return np.ascontiguousarray(self.tokenizer(list(texts)).numpy(), dtype=np.int64)
 
 
 def load_model(source: ModelSource, data_dir: Path, *, cache_dir: Path | None = None) -> LoadedModel:

@@ -68,9 +68,17 @@ class Preprocessor:
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop within the ratio range),
-    cropped and resized in one PIL call, then flipped with p = 0.5."""
-    width, height = image.size
+    """torchvision's RandomResizedCrop then RandomHorizontalFlip, drawn from `rng`. Crop, then resize, as
+    torchvision does: resizing with a `box` would filter in the pixels just outside it."""
+    box, flip = sample_view(image.size, rng)
+    crop = image.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+
+
+def sample_view(image_size: tuple[int, int], rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
+    """One view's crop box (left, top, right, bottom) and whether it is flipped: torchvision's RandomResizedCrop
+    sampling (10 tries, then a centre crop within the ratio range), then a flip with p = 0.5."""
+    width, height = image_size
     area = width * height
     box = None
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
@@ -94,7 +102,4 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator)
             w, h = width, height
         left, top = (width - w) // 2, (height - h) // 2
         box = (left, top, left + w, top + h)
-    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    if rng.uniform() < FLIP_PROBABILITY:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return crop
+    return box, bool(rng.uniform() < FLIP_PROBABILITY)

@@ -17,7 +17,10 @@ ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 COMPOSE = REPO / "docker" / "compose.yaml"
 DOCKERIGNORE = REPO / ".dockerignore"
 DOCKER_README = REPO / "docker" / "README.md"
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+REQUIREMENTS_SCRIPT = REPO / "docker" / "requirements.py"
+IMAGE_REQUIREMENTS = REPO / "docker" / "requirements-image.txt"
+TEST_SCRIPT = REPO / "docker" / "test-image.sh"
+MAKEFILE = REPO / "Makefile"
 
 
 # --- the Dockerfile parser -------------------------------------------------------------------------
@@ -84,6 +87,11 @@ class Dockerfile:
         base = re.sub(r"\$\{(\w+)\}", lambda m: self.global_args[m.group(1)], stage.base)
         names = {s.name for s in self.stages}
         return self.image_of(self.stage(base)) if base in names else base
+
+
+def with_defaults(text: str) -> str:
+    """`${NAME:-default}` as the builder reads it when the build arg is not given."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", lambda m: m.group(1), text)
 
 
 def logical_lines(text: str) -> Iterator[str]:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from .dockerfile import REPO, Dockerfile, glob_regex, in_context
+from .dockerfile import REPO, Dockerfile, glob_regex, in_context, with_defaults
 
 
 def test_dockerignore_matcher_follows_docker_rules() -> None:
@@ -45,7 +45,8 @@ def test_every_copied_path_is_in_the_build_context(dockerfile: Dockerfile) -> No
     copies = [i for s in dockerfile.stages for i in s.all("COPY") if "from" not in i.flags()[0]]
     assert copies
     for instruction in copies:
-        *sources, _dest = instruction.flags()[1].split()
+        # A build arg's default is what a plain build copies (the wheelhouse placeholder).
+        *sources, _dest = with_defaults(instruction.flags()[1]).split()
         for source in sources:
             path = REPO / source
             assert path.exists(), f"COPY {source}: not in the repository"
@@ -55,3 +56,10 @@ def test_every_copied_path_is_in_the_build_context(dockerfile: Dockerfile) -> No
             assert needed, f"COPY {source}: nothing to copy"
             missing = [f for f in needed if not in_context(f)]
             assert not missing, f"COPY {source}: .dockerignore leaves out {missing[:5]}"
+
+
+def test_a_wheelhouse_in_the_repository_reaches_the_builder() -> None:
+    # `make wheelhouse` fills ./wheelhouse by default; --build-arg WHEELHOUSE=wheelhouse copies it.
+    assert in_context("wheelhouse/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl")
+    assert in_context("wheelhouse/requirements.txt")
+    assert "/wheelhouse/" in (REPO / ".gitignore").read_text().split(), "the wheels are never committed"

@@ -4,7 +4,10 @@ environment, sizes threads to its CPU limit."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -63,3 +66,37 @@ def _service(compose: dict[str, Any]) -> Any:
     assert isinstance(services, dict)
     assert list(services) == ["shotcache"]
     return services["shotcache"]
+
+
+def test_compose_passes_every_build_arg_through(compose: dict[str, Any]) -> None:
+    from .conftest import parse_dockerfile
+
+    parsed = parse_dockerfile(DOCKERFILE.read_text())
+    names = set(parsed.global_args)
+    for stage in parsed.stages:
+        names |= {i.args.partition("=")[0] for i in stage.all("ARG")}
+    args = _service(compose)["build"]["args"]
+    assert set(args) == names, f"not passed through: {sorted(names - set(args))}"
+    # From the caller's environment, defaulting to the Dockerfile's own default (or unset = empty).
+    assert all(str(v).startswith("${") for v in args.values())
+    assert args["PYTHON_IMAGE"].endswith(":-python:3.11-slim}"), "an empty FROM would not build"
+
+
+def test_compose_file_parses_in_compose_v1(compose: dict[str, Any]) -> None:
+    # docker-compose 1.x rejects a top-level `name:`; docker/README.md gives `-p shotcache` instead.
+    assert "name" not in compose
+    assert "-p shotcache" in COMPOSE.read_text()
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (v1) is not installed")
+def test_docker_compose_v1_accepts_the_file() -> None:
+    run = subprocess.run(
+        ["docker-compose", "-p", "shotcache", "-f", str(COMPOSE), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PIP_INDEX_URL": "https://mirror.example/simple"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "PIP_INDEX_URL: https://mirror.example/simple" in run.stdout, "build args from the environment"

@@ -1,7 +1,8 @@
-"""The image docker/Dockerfile builds keeps docker/README.md's promises: non-root runtime, health check
-on /readyz, CPU torch wheels before the project, port 8000, the /data volume, `shotcache serve`, the
-baked model where the service looks. Checked by parsing the file; the health check's probe is run
-against a local HTTP server."""
+"""The image docker/Dockerfile builds keeps docker/README.md's promises: it builds with every builder
+(no BuildKit-only syntax), every pip step takes one set of index build args, non-root runtime without a
+package manager, health check on /readyz, port 8000, the /data volume, `shotcache serve` under an init,
+the baked model where the service looks. Checked by parsing the file; the health check's probe is run
+against a local HTTP server. docker/test-image.sh builds and runs the real image (docker/README.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,17 @@ from typing import Any
 
 import pytest
 
-from .dockerfile import CPU_INDEX, DOCKER_README, ENTRYPOINT, REPO, Dockerfile, Instruction, parse_dockerfile
+from .dockerfile import (
+    DOCKER_README,
+    DOCKERFILE,
+    ENTRYPOINT,
+    IMAGE_REQUIREMENTS,
+    REPO,
+    Dockerfile,
+    Instruction,
+    Stage,
+    parse_dockerfile,
+)
 
 
 def test_parser_reads_continuations_comments_and_stages() -> None:
@@ -77,10 +88,14 @@ def test_ports_data_dir_and_bind_address(dockerfile: Dockerfile) -> None:
 def test_the_container_runs_shotcache_serve_under_an_init(dockerfile: Dockerfile) -> None:
     cmd = dockerfile.runtime.all("CMD")[-1].exec_form
     entrypoint = dockerfile.runtime.all("ENTRYPOINT")[-1].exec_form
-    assert cmd == ["shotcache", "serve"], "exec form, so no shell stands between tini and the server"
+    assert cmd == ["shotcache", "serve"], "exec form, so no shell stands between the init and the server"
     assert entrypoint is not None
-    assert Path(entrypoint[0]).name == "tini", "an init forwards SIGTERM"
-    script_path = entrypoint[-1]
+    # dumb-init forwards SIGTERM; it comes as a wheel into the venv (no apt in the runtime stage).
+    assert entrypoint[:2] == ["/opt/venv/bin/dumb-init", "--"]
+    assert any(line.startswith("dumb-init==") for line in IMAGE_REQUIREMENTS.read_text().splitlines())
+    # The script is run by sh, so it needs no executable bit (COPY --chmod is BuildKit-only).
+    shell, script_path = entrypoint[2:]
+    assert shell == "/bin/sh"
     sources = {i.flags()[1].split()[-1]: i.flags()[1].split()[:-1] for i in dockerfile.runtime.all("COPY")}
     assert sources.get(script_path) == ["docker/entrypoint.sh"], f"{script_path} is not docker/entrypoint.sh"
     commands = [
@@ -94,6 +109,31 @@ def test_the_container_runs_shotcache_serve_under_an_init(dockerfile: Dockerfile
 
     assert "shotcache = " in (REPO / "pyproject.toml").read_text()
     assert build_parser().parse_args(["serve"]).command == "serve"
+
+
+def test_runtime_stage_runs_no_package_manager(dockerfile: Dockerfile) -> None:
+    # Nothing in the runtime stage needs a Debian mirror or an index: an air-gapped build must get through.
+    runs = " ".join(i.args for i in dockerfile.runtime.all("RUN"))
+    for tool in ("apt-get", "apt ", "dpkg", "apk", "dnf", "yum", "pip", "curl", "wget"):
+        assert tool not in runs, f"the runtime stage runs {tool.strip()}"
+    assert not dockerfile.runtime.all("ADD"), "ADD may fetch URLs"
+
+
+def test_no_buildkit_only_syntax() -> None:
+    # A `# syntax=` line makes BuildKit pull a frontend image (fails air-gapped); the classic builder and
+    # buildah reject RUN --mount, COPY --chmod/--link/--parents/--exclude and heredocs.
+    text = DOCKERFILE.read_text()
+    directives = [line for line in text.splitlines() if re.match(r"#\s*(syntax|check)\s*=", line, re.IGNORECASE)]
+    assert not directives, directives
+    parsed = parse_dockerfile(text)
+    for stage in parsed.stages:
+        for instruction in stage.instructions:
+            flags, rest = instruction.flags()
+            if instruction.keyword == "RUN":
+                assert not flags, f"RUN flags are BuildKit-only: {flags}"
+                assert "<<" not in rest, "heredocs are BuildKit-only"
+            if instruction.keyword in ("COPY", "ADD"):
+                assert set(flags) <= {"from", "chown"}, f"{instruction.keyword} {flags}"
 
 
 def test_healthcheck_probes_readyz_and_gives_the_model_time_to_load(dockerfile: Dockerfile) -> None:
@@ -154,38 +194,145 @@ def test_healthcheck_probe_passes_only_when_ready(dockerfile: Dockerfile) -> Non
 # --- the builder: CPU torch, layer order, the baked model ------------------------------------------
 
 
-def test_torch_comes_from_the_cpu_index_before_the_project(dockerfile: Dockerfile) -> None:
-    builder = dockerfile.stage("builder")
-    runs = [i.args for i in builder.all("RUN")]
-    args = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in builder.all("ARG")}
-    assert args["TORCH_INDEX_URL"] == CPU_INDEX
+INDEX_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "WHEELHOUSE")
 
-    def first(predicate_text: str) -> int:
-        return next(n for n, run in enumerate(runs) if predicate_text in run)
 
-    torch_step = first('--index-url "$TORCH_INDEX_URL"')
-    assert '"torch==$TORCH_VERSION"' in runs[torch_step]
-    assert '"torchvision==$TORCHVISION_VERSION"' in runs[torch_step]
-    deps_step = first("-r /opt/requirements.txt")
-    project_step = first("pip install --no-deps /src")
-    assert torch_step < deps_step < project_step
-    # Plain PyPI for the rest, held to the CPU build by the constraints the torch step wrote.
-    assert "--index-url" not in runs[deps_step]
-    assert "-c /opt/torch-constraints.txt" in runs[deps_step]
-    assert "/opt/torch-constraints.txt" in runs[torch_step]
-    # A pair that belongs together: torchvision 0.N+15 goes with torch 2.N.
-    torch_minor = int(args["TORCH_VERSION"].split(".")[1])
-    assert args["TORCHVISION_VERSION"].split(".")[:2] == ["0", str(torch_minor + 15)]
+def _ancestry(dockerfile: Dockerfile, stage: Stage) -> list[str]:
+    """The stage names a stage is built on, nearest first."""
+    names = {s.name for s in dockerfile.stages}
+    chain: list[str] = []
+    while stage.base in names:
+        chain.append(stage.base)
+        stage = dockerfile.stage(stage.base)
+    return chain
+
+
+def test_every_pip_step_takes_the_one_set_of_index_args(dockerfile: Dockerfile) -> None:
+    pip = dockerfile.stage("pip")
+    order = pip.instructions
+    first_run = next(n for n, i in enumerate(order) if i.keyword == "RUN")
+    declared = {i.args.partition("=")[0] for i in order[:first_run] if i.keyword == "ARG"}
+    assert set(INDEX_ARGS) <= declared
+    # No default: an unset ARG is no environment variable at all, so pip keeps its own index.
+    assert all("=" not in i.args for i in order if i.keyword == "ARG" and i.args.partition("=")[0] in INDEX_ARGS)
+    env = pip.env()
+    (wheel_copy,) = [i for i in pip.all("COPY") if "${WHEELHOUSE" in i.args]
+    source, dest = wheel_copy.args.split()
+    assert source == "${WHEELHOUSE:-docker/no-wheelhouse}"
+    assert (REPO / "docker/no-wheelhouse").is_dir()
+    assert env["PIP_NO_INDEX"] == "${WHEELHOUSE:+1}"
+    assert env["PIP_FIND_LINKS"] == "${WHEELHOUSE:+" + dest.rstrip("/") + "}"
+    pip_stages = [s for s in dockerfile.stages if any("pip " in i.args for i in s.all("RUN"))]
+    assert {s.name for s in pip_stages} >= {"project", "builder", "serving"}
+    for stage in pip_stages:
+        # Every stage that runs pip is built on `pip`, so it has these ENV values and nothing overrides them.
+        assert stage is pip or "pip" in _ancestry(dockerfile, stage), f"stage {stage.name} runs pip outside `pip`"
+        assert not {k for k in stage.env() if k.startswith("PIP_")} - set(env) or stage is pip
+        for instruction in stage.all("RUN"):
+            # pip reads PIP_* from the environment; a step naming its own index would escape the build args.
+            for flag in ("--index-url", "--extra-index-url", "-i ", "--find-links", "--no-index", "--isolated"):
+                assert flag not in instruction.args, f"a pip step sets {flag} itself: {instruction.args[:80]}"
+    assert "pip" not in _ancestry(dockerfile, dockerfile.runtime), "the runtime image does not carry pip's settings"
+
+
+def _probe_wheel(folder: Path) -> None:
+    """A minimal pure-Python wheel, `shotcache-probe 1.0`, for pip to find in a folder."""
+    import zipfile
+
+    info = "shotcache_probe-1.0.dist-info"
+    files = {
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: shotcache-probe\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": "",
+    }
+    with zipfile.ZipFile(folder / "shotcache_probe-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
+@pytest.mark.parametrize("wheelhouse", [True, False])
+def test_pip_obeys_the_environment_the_builder_sets(tmp_path: Path, wheelhouse: bool) -> None:
+    # What the builder's ENV gives pip, with WHEELHOUSE set (PIP_NO_INDEX=1, PIP_FIND_LINKS=<folder>:
+    # the folder alone, the index never asked) and unset (both empty: pip must ignore them, not fail).
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _probe_wheel(wheels)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_NO_INDEX": "1" if wheelhouse else "",
+        "PIP_FIND_LINKS": str(wheels) if wheelhouse else "",
+        # An index that cannot answer: with the wheelhouse pip must not need it.
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(tmp_path / "out"), "shotcache-probe"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if wheelhouse:
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert (tmp_path / "out/shotcache_probe-1.0-py3-none-any.whl").is_file()
+        assert "127.0.0.1:9" not in run.stdout + run.stderr, "the index was asked"
+    else:
+        # No wheelhouse: empty PIP_NO_INDEX/PIP_FIND_LINKS are ignored, so pip asks the index it is given.
+        assert run.returncode != 0
+        assert "127.0.0.1:9" in run.stdout + run.stderr, run.stdout + run.stderr
 
 
 def test_dependencies_are_installed_before_the_source_is_copied(dockerfile: Dockerfile) -> None:
-    # Layer caching: editing code must not reinstall torch and friends.
-    builder = dockerfile.stage("builder").instructions
-    order = [(i.keyword, i.args) for i in builder]
-    deps = next(n for n, (k, a) in enumerate(order) if k == "RUN" and "-r /opt/requirements.txt" in a)
-    copies = [(n, a) for n, (k, a) in enumerate(order) if k == "COPY"]
-    before = [a.split()[0] for n, a in copies if n < deps]
-    assert before == ["pyproject.toml"], f"only pyproject.toml may be copied before the deps install, not {before}"
+    # Layer caching: editing code must not reinstall torch and friends. The source goes only into the
+    # `project` stage (which builds the wheel); the stages that install dependencies get the wheel after.
+    context_copies = {
+        s.name: [src for i in s.all("COPY") if "from" not in i.flags()[0] for src in i.flags()[1].split()[:-1]]
+        for s in dockerfile.stages
+    }
+    assert sorted(context_copies["pip"]) == sorted(
+        [
+            "${WHEELHOUSE:-docker/no-wheelhouse}",
+            "pyproject.toml",
+            "docker/requirements.py",
+            "docker/requirements-image.txt",
+            "docker/requirements-runtime.txt",
+        ]
+    )
+    assert {"app", "api", "cache_models"} <= set(context_copies["project"])
+    for name in ("builder", "serving"):
+        stage = dockerfile.stage(name)
+        assert not context_copies[name], f"{name} copies {context_copies[name]} from the context"
+        order = [(i.keyword, i.args) for i in stage.instructions]
+        deps = next(
+            n
+            for n, (k, a) in enumerate(order)
+            if k == "RUN" and f"--part {'builder' if name == 'builder' else 'runtime'}" in a
+        )
+        wheel = next(n for n, (k, a) in enumerate(order) if k == "COPY" and a.startswith("--from=project"))
+        install = next(n for n, (k, a) in enumerate(order) if k == "RUN" and "pip install --no-deps /opt/dist/" in a)
+        assert deps < wheel < install
+
+
+def test_runtime_takes_the_serving_venv_and_the_baked_model(dockerfile: Dockerfile) -> None:
+    copies = {i.flags()[1].split()[0]: i.flags()[0].get("from") for i in dockerfile.runtime.all("COPY")}
+    assert copies["/opt/venv"] == "serving", "the torch-free venv, not the builder's"
+    assert copies["/opt/shotcache"] == "builder"
+    # The build proves the runtime opens the baked model without torch, as the service user.
+    users = [n for n, i in enumerate(dockerfile.runtime.instructions) if i.keyword == "USER"]
+    checks = [
+        n for n, i in enumerate(dockerfile.runtime.instructions) if i.keyword == "RUN" and "create_encoder" in i.args
+    ]
+    assert checks, "no start check in the runtime stage"
+    assert users
+    assert users[0] < checks[0], "the start check runs as the service user"
+    check = dockerfile.runtime.instructions[checks[0]].args
+    assert "shotcache-entrypoint" in check
+    assert "'torch'" in check
+    assert "sys.modules" in check
 
 
 def test_baked_model_sits_where_the_service_looks(dockerfile: Dockerfile, tmp_path: Path) -> None:
@@ -225,6 +372,6 @@ def test_every_build_arg_is_documented(dockerfile: Dockerfile) -> None:
     names = set(dockerfile.global_args)
     for stage in dockerfile.stages:
         names |= {i.args.partition("=")[0] for i in stage.all("ARG")}
-    assert {"MODEL", "PRETRAINED"} <= names
+    assert {"MODEL", "PRETRAINED", *INDEX_ARGS} <= names
     undocumented = sorted(n for n in names if f"`{n}`" not in readme)
     assert not undocumented, f"build args missing from docker/README.md: {undocumented}"

@@ -1,9 +1,5 @@
-"""Export a model's towers to ONNX once, verify them against torch, and cache them on disk.
-
-Layout: `<data_dir>/exports/<model key>/<backend>/{manifest.json, image.onnx, text.onnx}`, where the model key
-is the identity's `model_id` (name, pretrained tag, weights hash) made path-safe, and the manifest repeats the
-full weights hash, the format version and each file's SHA-256. A folder is used only if all of those match;
-anything else (a truncated file, a foreign model, an older format) is exported again.
+"""Export a model's towers to ONNX once, verify them against torch, and cache them on disk (layout and
+validity rules: cache.py, which the torch-free serving path reads).
 
 Concurrent first starts: a lock file per (model, backend) serialises exporters; each export is written into a
 temporary folder and renamed into place, so a reader never sees half a folder.
@@ -17,20 +13,17 @@ backend (the factory then falls back to torch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,12 +31,23 @@ import torch
 
 from ..folders import file_lock, install_folder
 from ..load import LoadedModel
+from .cache import (
+    EXPORT_FORMAT,
+    INPUT_NAMES,
+    MANIFEST,
+    ONNX_BACKENDS,
+    Export,
+    ExportError,
+    Tower,
+    TowerExport,
+    read_valid,
+    sha256_file,
+)
+from .cache import export_dir as cache_export_dir
+from .cache import model_key as cache_model_key
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1  # bump when the export recipe changes: older folders are then exported again
-ONNX_BACKENDS = ("onnx", "onnx-int8")
-MANIFEST = "manifest.json"
 QUANTIZED_OPS = ("MatMul", "Gemm")
 # Export checks on fixed inputs. fp32 is the same arithmetic reordered: anything below this is a broken
 # export. int8 is judged by the direction of the features (what the cache methods use).
@@ -56,9 +60,7 @@ CHECK_PROMPTS = (
     "a close-up photo of a scratched metal surface.",
     "an aerial photo of a harbour with many small boats.",
 )
-INPUT_NAMES = {"image": "pixels", "text": "tokens"}
 
-Tower = Literal["image", "text"]
 FloatArray = npt.NDArray[np.float32]
 
 _exports_made = 0  # exports run by this process (tests read it to prove the cache is reused)
@@ -66,41 +68,16 @@ _verified: dict[tuple[str, str], Path] = {}  # (weights sha, backend) -> a folde
 _verified_lock = threading.Lock()
 
 
-class ExportError(RuntimeError):
-    """The ONNX backend could not be prepared; `stage` names the step (export, verify, quantize, load)."""
-
-    def __init__(self, stage: str, detail: str) -> None:
-        self.stage = stage
-        self.detail = detail
-        super().__init__(f"{stage}: {detail}")
-
-
-@dataclass(frozen=True)
-class TowerExport:
-    path: Path
-    precision: str  # "fp32" or "int8"
-    check: dict[str, float]  # min_cosine, mean_cosine, max_abs_diff against torch at export time
-    note: str | None = None
-
-
-@dataclass(frozen=True)
-class Export:
-    backend: str
-    folder: Path
-    image: TowerExport
-    text: TowerExport
-
-
 def exports_made() -> int:
     return _exports_made
 
 
 def model_key(loaded: LoadedModel) -> str:
-    return re.sub(r"[^A-Za-z0-9._@+-]+", "_", loaded.identity.model_id)
+    return cache_model_key(loaded.identity)
 
 
 def export_dir(loaded: LoadedModel, backend: str, data_dir: Path) -> Path:
-    return data_dir / "exports" / model_key(loaded) / backend
+    return cache_export_dir(loaded.identity, backend, data_dir)
 
 
 def ensure_export(loaded: LoadedModel, backend: str, data_dir: Path, *, threads: int = 1) -> Export:
@@ -127,30 +104,7 @@ def ensure_export(loaded: LoadedModel, backend: str, data_dir: Path, *, threads:
 
 # ---- the cache ----------------------------------------------------------------------------------
 def _read_valid(folder: Path, loaded: LoadedModel) -> Export | str:
-    """The export in `folder` if complete and intact for this model, else why not."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest"
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest: {exc}"
-    try:
-        if manifest["format"] != EXPORT_FORMAT:
-            return f"format {manifest['format']} is not {EXPORT_FORMAT}"
-        if manifest["weights_sha256"] != loaded.identity.weights_sha256:
-            return "it was exported from other weights"
-        towers = {}
-        for tower in ("image", "text"):
-            entry = manifest["towers"][tower]
-            path = folder / entry["file"]
-            if not path.is_file():
-                return f"{path.name} is missing"
-            if _sha256(path) != entry["sha256"]:
-                return f"{path.name} does not match its checksum"
-            towers[tower] = TowerExport(path, entry["precision"], dict(entry["check"]), entry.get("note"))
-        return Export(manifest["backend"], folder, towers["image"], towers["text"])
-    except (KeyError, TypeError) as exc:
-        return f"incomplete manifest: {exc!r}"
+    return read_valid(folder, loaded.identity.weights_sha256)
 
 
 def _remember(loaded: LoadedModel, found: Export) -> Export:
@@ -184,11 +138,7 @@ def _copy_verified(loaded: LoadedModel, backend: str, folder: Path) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 # ---- building -----------------------------------------------------------------------------------

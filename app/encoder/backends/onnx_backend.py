@@ -15,7 +15,7 @@ import numpy as np
 
 from ..load import LoadedModel
 from .base import FloatArray, TokenArray
-from .export import INPUT_NAMES, Export, TowerExport, ensure_export
+from .cache import INPUT_NAMES, Export, ExportError, TowerExport
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,16 @@ def load_onnx_towers(
     loaded: LoadedModel, backend: str, data_dir: Path, threads: int
 ) -> tuple[OnnxImageTower, OnnxTextTower, Export]:
     """The towers of `backend`, exported first if the cache has no valid export (see export.py)."""
-    from .export import ExportError
+    from .export import ensure_export
 
     export = ensure_export(loaded, backend, data_dir, threads=threads)
+    image, text = open_onnx_towers(export, threads)
+    return image, text, export
+
+
+def open_onnx_towers(export: Export, threads: int) -> tuple[OnnxImageTower, OnnxTextTower]:
+    """ONNX Runtime sessions over a verified export (no torch needed)."""
+    backend = export.backend
     try:
         image = OnnxImageTower(export.image, INPUT_NAMES["image"], threads)
         text = OnnxTextTower(export.text, INPUT_NAMES["text"], threads)
@@ -81,4 +88,4 @@ def load_onnx_towers(
     for name, tower in (("image", export.image), ("text", export.text)):
         if tower.note:
             log.info("%s %s tower: %s (%s)", backend, name, tower.precision, tower.note)
-    return image, text, export
+    return image, text

@@ -1,0 +1,101 @@
+"""The on-disk cache of exported towers, read without torch (the serving path opens it torch-free).
+
+Layout: `<data_dir>/exports/<model key>/<backend>/{manifest.json, image.*, text.*}`, where the model key is the
+identity's `model_id` (name, pretrained tag, weights hash) made path-safe, and the manifest repeats the full
+weights hash, the format version and each file's SHA-256. A folder is used only if all of those match;
+anything else (a truncated file, a foreign model, an older format) is exported again (export.py, with torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..load import ModelIdentity
+
+EXPORT_FORMAT = 1  # bump when the export recipe changes: older folders are then exported again
+MANIFEST = "manifest.json"
+ONNX_BACKENDS = ("onnx", "onnx-int8")
+INPUT_NAMES = {"image": "pixels", "text": "tokens"}
+
+Tower = Literal["image", "text"]
+
+
+class ExportError(RuntimeError):
+    """A backend could not be prepared; `stage` names the step (export, verify, quantize, load)."""
+
+    def __init__(self, stage: str, detail: str) -> None:
+        self.stage = stage
+        self.detail = detail
+        super().__init__(f"{stage}: {detail}")
+
+
+@dataclass(frozen=True)
+class TowerExport:
+    path: Path
+    precision: str  # "fp32", "int8", "bf16"...
+    check: dict[str, float]  # min_cosine, mean_cosine, max_abs_diff against torch at export time
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Export:
+    backend: str
+    folder: Path
+    image: TowerExport
+    text: TowerExport
+
+
+def model_key(identity: ModelIdentity) -> str:
+    return re.sub(r"[^A-Za-z0-9._@+-]+", "_", identity.model_id)
+
+
+def model_folder(identity: ModelIdentity, data_dir: Path) -> Path:
+    """Everything exported for one model identity: a folder per backend, the model card, the tokenizer."""
+    return data_dir / "exports" / model_key(identity)
+
+
+def export_dir(identity: ModelIdentity, backend: str, data_dir: Path) -> Path:
+    return model_folder(identity, data_dir) / backend
+
+
+def read_valid(folder: Path, weights_sha256: str) -> Export | str:
+    """The export in `folder` if complete and intact for these weights, else why not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest: {exc}"
+    try:
+        if manifest["format"] != EXPORT_FORMAT:
+            return f"format {manifest['format']} is not {EXPORT_FORMAT}"
+        if manifest["weights_sha256"] != weights_sha256:
+            return "it was exported from other weights"
+        towers = {}
+        for tower in ("image", "text"):
+            entry = manifest["towers"][tower]
+            path = folder / entry["file"]
+            if not path.is_file():
+                return f"{path.name} is missing"
+            for extra in entry.get("extra_files", []):  # e.g. OpenVINO's .bin beside its .xml
+                if not (folder / extra["file"]).is_file() or sha256_file(folder / extra["file"]) != extra["sha256"]:
+                    return f"{extra['file']} is missing or does not match its checksum"
+            if sha256_file(path) != entry["sha256"]:
+                return f"{path.name} does not match its checksum"
+            towers[tower] = TowerExport(path, entry["precision"], dict(entry["check"]), entry.get("note"))
+        return Export(manifest["backend"], folder, towers["image"], towers["text"])
+    except (KeyError, TypeError) as exc:
+        return f"incomplete manifest: {exc!r}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
