@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
+Backend = Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
 
 
 class Settings(BaseSettings):
@@ -29,9 +29,11 @@ class Settings(BaseSettings):
     auto_model: str = Field("ViT-B-32", description="The real model `auto` tries first.")
     backend: Backend = Field(
         "auto",
-        description="Encoder backend: `torch` (eager fp32), `onnx` (ONNX Runtime fp32) or `onnx-int8` (int8 "
-        "MatMul weights); `auto` takes the model's measured default. ONNX exports are made on first start, cached "
-        "under the data dir's `exports/`; if one fails the service runs torch and logs why.",
+        description="Encoder backend: `torch` (eager fp32), `onnx` (ONNX Runtime fp32), `onnx-int8` (int8 "
+        "MatMul weights), `openvino` (OpenVINO at the CPU's default precision, bf16 on AMX) or `openvino-int8` "
+        "(NNCF int8 image tower; both need the `openvino` extra); `auto` times the available backends on first "
+        "use of a model, keeps the fastest within the fidelity bound and caches the choice. Exports are made on "
+        "first start, cached under the data dir's `exports/`; if one fails the service runs torch and logs why.",
     )
     threads: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1),

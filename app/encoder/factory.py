@@ -17,7 +17,7 @@ from typing import Any
 from app.settings import Settings
 
 from .backends import ImageTower, TextTower
-from .backends.cache import ONNX_BACKENDS, ExportError
+from .backends.cache import EXPORTED_BACKENDS, ExportError
 from .encoder import Encoder, ServedModel
 from .errors import EncoderLoadError
 from .exported import find_export, find_exported_model, open_towers, unreachable_reason
@@ -27,7 +27,7 @@ from .resources import read_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", *EXPORTED_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,13 @@ def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[
 
     if backend == "torch":
         return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
-    if backend in ONNX_BACKENDS:
+    if backend in EXPORTED_BACKENDS:
         try:
-            from .backends.onnx_backend import load_onnx_towers
+            from .backends.export import ensure_export
 
-            image, text, _ = load_onnx_towers(loaded, backend, settings.data_dir, settings.threads)
-            return image, text
+            return open_towers(
+                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads), settings.threads
+            )
         except Exception as exc:  # ExportError, or whatever torch.onnx / onnxruntime raised (or a missing import)
             stage = exc.stage if isinstance(exc, ExportError) else "import"
             log.warning(
