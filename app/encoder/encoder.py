@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,8 @@ class Encoder:
         self.preprocessor = Preprocessor(loaded.preprocess)
         self.default_templates = list(templates)
         self.default_backend = default_backend
+        # How `auto` chose the backend (choice.py): the evidence for /v1/info and the logs; None if configured.
+        self.backend_choice: dict[str, Any] | None = None
 
     # ---- what it is ---------------------------------------------------------------------------
     @property

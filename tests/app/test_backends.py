@@ -106,13 +106,11 @@ def test_onnx_features_match_torch_on_real_images(encoder: Encoder, model_data_d
     assert text_cosine.min() >= ONNX_MIN_COSINE
 
 
-def test_auto_takes_the_models_json_default(encoder: Encoder) -> None:
-    # The session encoder is built with SHOTCACHE_BACKEND unset, i.e. `auto`.
-    assert encoder.backend == ModelDefaults.for_key("offline-standin").default_backend == "onnx"
-    assert ModelDefaults.for_key("ViT-B-32").default_backend == "onnx-int8"
+def test_auto_without_anything_to_measure_takes_the_models_json_default(
+    model_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.encoder import factory
 
-
-def test_auto_follows_the_file(model_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = ModelDefaults.for_key
 
     def patched(key: str) -> ModelDefaults:
@@ -120,8 +118,14 @@ def test_auto_follows_the_file(model_data_dir: Path, monkeypatch: pytest.MonkeyP
         return ModelDefaults(defaults.templates, "torch", defaults.default_method)
 
     monkeypatch.setattr(ModelDefaults, "for_key", staticmethod(patched))
-    encoder, _ = create_encoder(Settings(model="offline", backend="auto", data_dir=model_data_dir, threads=2))
+    monkeypatch.setattr(factory, "read_choice", lambda *args: None)
+    monkeypatch.setattr(factory, "available_backends", list)
+    settings = Settings(model="offline", backend="auto", data_dir=model_data_dir, threads=2)
+    encoder, _ = create_encoder(settings, torch_free=False)
     assert encoder.backend == "torch"
+    assert encoder.backend_choice is None
+    assert ModelDefaults.for_key("ViT-B-32").default_backend == "torch"
+    assert real("ViT-B-32").default_backend == "onnx-int8"
 
 
 # ---- the export cache (tiny model) --------------------------------------------------------------------------
