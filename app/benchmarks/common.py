@@ -19,7 +19,7 @@ from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = Path(os.environ.get("SHOTCACHE_BENCH_DATASETS", REPO.parent / "shared" / "datasets"))
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")  # those not installed fall back
 DATASET_NAMES = ("cifar10-mini", "textile-defects")
 VIT_NAME = "ViT-B-32"
 VIT_WEIGHTS = "ViT-B-32-random-init.pt"  # the file name is the identity's `pretrained` label
