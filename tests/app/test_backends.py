@@ -252,7 +252,7 @@ def test_a_full_start_reports_the_backend_really_used(
     def unavailable(*args: Any, **kwargs: Any) -> Any:
         raise export.ExportError("load", "ONNX Runtime could not load the model")
 
-    monkeypatch.setattr("app.encoder.backends.onnx_backend.ensure_export", unavailable)
+    monkeypatch.setattr("app.encoder.backends.export.ensure_export", unavailable)
     data_dir = tmp_path / "data"
     (data_dir / "models").mkdir(parents=True)
     (data_dir / "models" / "offline-standin").symlink_to(model_data_dir / "models" / "offline-standin")
