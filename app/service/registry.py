@@ -136,11 +136,7 @@ class TaskRegistry:
         if task is not None:
             return task
         self._raise_if_unservable(key)
-        try:
-            check_id(key[0], "tenant")
-            check_id(key[1], "task id")
-        except ValueError:  # no stored task can have such an id
-            raise AppError(ErrorCode.TASK_NOT_FOUND, f"task {key[1][:64]!r} not found") from None
+        _check_key(key)
         try:
             snapshot = self.store.load(*key)
         except DamagedTaskError as exc:
@@ -233,6 +229,7 @@ class TaskRegistry:
             known = key in self._tasks or key in self._foreign or build is not None
         if build is not None and build.state == "building":
             raise AppError(ErrorCode.BUILDING, f"task {key[1]} is still building; delete it when it is ready")
+        _check_key(key)
         existed = self.store.delete(*key)  # durable before we forget it
         if not existed and not known:
             raise AppError(ErrorCode.TASK_NOT_FOUND, f"task {key[1]} not found")
@@ -310,3 +307,12 @@ class TaskRegistry:
 
     def _on_evict(self, key: Key) -> None:
         log.debug("task %s/%s evicted from memory (budget %s bytes)", *key, self.budget_bytes)
+
+
+def _check_key(key: Key) -> None:
+    """task_not_found for ids no store can hold (they come from the URL, checked before any store call)."""
+    try:
+        check_id(key[0], "tenant")
+        check_id(key[1], "task id")
+    except ValueError:
+        raise AppError(ErrorCode.TASK_NOT_FOUND, f"task {key[1][:64]!r} not found") from None

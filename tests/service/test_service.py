@@ -73,6 +73,9 @@ def test_create_add_shots_classify_list_delete(loop: Loop, service: TaskService)
     assert code_of(lambda: loop.run(service.delete(TENANT, task.task_id))) == ErrorCode.TASK_NOT_FOUND
     assert service.store.load(TENANT, task.task_id) is None
     assert service.registry._writers == {}  # no per-task lock outlives its writers
+    for bad_id in ("x" * 65, "a/b", "ü"):  # ids come from URLs; no store call may see them
+        assert code_of(lambda bad_id=bad_id: loop.run(service.get(TENANT, bad_id))) == ErrorCode.TASK_NOT_FOUND
+        assert code_of(lambda bad_id=bad_id: loop.run(service.delete(TENANT, bad_id))) == ErrorCode.TASK_NOT_FOUND
 
 
 def test_each_request_is_checked_once_with_its_own_code(loop: Loop, service: TaskService) -> None:
