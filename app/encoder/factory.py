@@ -12,7 +12,6 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from app.settings import Settings
 
@@ -252,9 +251,8 @@ def _encoder(model: ServedModel, image: ImageTower, text: TextTower, settings: S
         model,
         image,
         text,
-        batch_size=settings.batch_size,
+        batch_size=settings.max_batch,
         templates=defaults.templates,
-        default_backend=defaults.default_backend,
     )
 
 
@@ -288,6 +286,13 @@ def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
     return encoder, fallback
 
 
+def encoder_for(loaded: LoadedModel, backend: str, settings: Settings) -> Encoder:
+    """An encoder of an already loaded model on `backend` (`shotcache bench` compares backends of one
+    load through this)."""
+    image_tower, text_tower = make_towers(loaded, backend, settings)
+    return _encoder(loaded, image_tower, text_tower, settings)
+
+
 def warm_up(encoder: Encoder) -> None:
     """One image and one text through the towers, so the first request doesn't pay for lazy init."""
     import numpy as np
@@ -295,7 +300,3 @@ def warm_up(encoder: Encoder) -> None:
     size = encoder.input_size
     encoder.encode_pixels(np.zeros((1, 3, size, size), dtype=np.float32))
     encoder.encode_texts(["warm-up"])
-
-
-def describe(encoder: Encoder) -> dict[str, Any]:
-    return {**encoder.identity.to_dict(), "backend": encoder.backend, "logit_scale": encoder.logit_scale}

@@ -131,7 +131,7 @@ def test_serving_from_exports_imports_no_torch_and_agrees_with_torch(
     # The same images through eager torch (the reference path) in this process.
     torch_image, torch_text = make_towers(encoder.loaded, "torch", Settings(data_dir=model_data_dir, threads=2))
     templates = ModelDefaults.for_key(encoder.config_key).templates  # the service's zero-shot prompts
-    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=templates, default_backend="")
+    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=templates)
     from app.images import ImageLimits, decode_image
 
     images = [decode_image(Path(p).read_bytes(), ImageLimits()) for p in test]
