@@ -195,6 +195,8 @@ class TaskService:
             "model": {
                 **identity.to_dict(),
                 "backend": self.encoder.backend,
+                # How `auto` chose it on this host (candidates' img/s and min cosine); None when configured.
+                "backend_choice": self.encoder.backend_choice,
                 "logit_scale": self.encoder.logit_scale,
                 "input_size": self.encoder.input_size,
                 "standin": identity.is_standin,
