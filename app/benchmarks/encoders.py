@@ -13,11 +13,10 @@ from PIL import Image
 
 from app.encoder.backends.export import compare
 from app.encoder.encoder import Encoder
-from app.encoder.factory import ModelDefaults
+from app.encoder.factory import ModelDefaults, available_backends
 from app.images import ImageLimits, decode_image
 
 from .common import (
-    BACKENDS,
     BenchConfig,
     load_bench_model,
     make_encoder,
@@ -47,16 +46,50 @@ def real_images(config: BenchConfig, count: int, size: tuple[int, int] | None = 
     return out
 
 
+def gemm_peaks() -> dict[str, float]:
+    """GFLOP/s of a large square matmul in fp32 and bf16 (AMX where the CPU has it): the compute limits."""
+    import torch
+
+    out = {}
+    n = 2048
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - started)
+        out[label] = 2 * n**3 / best / 1e9
+    return out
+
+
+def image_gflops(loaded: Any) -> float:
+    """GFLOP of one image through the image tower (2 x multiply-accumulates of matmuls and convolutions)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = loaded.preprocess.size
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        loaded.model.encode_image(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops()) / 1e9
+
+
 def bench_encoders(config: BenchConfig) -> dict[str, Any]:
-    """img/s per (model, backend, batch), text/s, cosine to torch fp32 on real images, export time."""
+    """img/s per (model, backend, batch), text/s, cosine to torch fp32 on real images, export time, and the
+    fp32 / bf16 compute limits (GEMM peak / model FLOPs) measured in the same run."""
     rng = np.random.default_rng(0)
-    out: dict[str, Any] = {"rows": []}
+    peaks = gemm_peaks()
+    out: dict[str, Any] = {"rows": [], "gemm_gflops": peaks}
+    backends = ("torch", *available_backends())
     for name in config.models:
         loaded = load_bench_model(name, config)
         default = ModelDefaults.for_key(loaded.config_key).default_backend
+        gflops = image_gflops(loaded)
         probes = None
         reference = None
-        for backend in BACKENDS:
+        for backend in backends:
             started = time.perf_counter()
             encoder = make_encoder(loaded, backend, config)
             prepare = time.perf_counter() - started
@@ -76,6 +109,9 @@ def bench_encoders(config: BenchConfig) -> dict[str, Any]:
                 "prepare_s": prepare,
                 "min_cosine": cosine["min_cosine"],
                 "mean_cosine": cosine["mean_cosine"],
+                "image_gflops": gflops,
+                "bf16_limit_img_per_s": peaks["bf16"] / gflops,
+                "fp32_limit_img_per_s": peaks["fp32"] / gflops,
             }
             row["img_per_s"], row["text_per_s"] = _speeds(encoder, config, rng)
             log.info("bench %s %s -> %s: %s img/s", name, backend, encoder.backend, row["img_per_s"])
@@ -119,17 +155,31 @@ def encoder_markdown(result: dict[str, Any], batches: tuple[int, ...]) -> str:
         for b in batches:
             ratio = r["img_per_s"][b] / eager[(r["model"], b)]
             cells.append(f"{r['img_per_s'][b]:.1f} ({ratio:.1f}x)")
+        top = max(batches)
+        limit = r.get("bf16_limit_img_per_s")
+        cells.append(f"{r['img_per_s'][top] / limit:.0%} of {limit:.0f}" if limit else "n/a")
         cells += [f"{r['text_per_s']:.1f}", f"{r['mean_cosine']:.5f} / {r['min_cosine']:.5f}", f"{r['prepare_s']:.1f}"]
         rows.append(cells)
     header = [
         "model",
         "backend",
         *[f"img/s batch {b} (x eager fp32)" for b in batches],
+        f"batch {max(batches)} of the bf16 limit (img/s)",
         f"texts/s batch {max(batches)}",
         "cosine to torch fp32, mean / min (real images)",
         "load + export s",
     ]
-    return table(header, rows, "ll" + "r" * (len(header) - 2))
+    text = table(header, rows, "ll" + "r" * (len(header) - 2))
+    peaks = result.get("gemm_gflops")
+    if peaks:
+        flops = {r["model"]: r["image_gflops"] for r in result["rows"] if "image_gflops" in r}
+        models = ", ".join(f"{m} {g:.2f}" for m, g in flops.items())
+        text += (
+            f"\n\nCompute limits measured in this run: 2048² GEMM peak {peaks['fp32']:.0f} GFLOP/s fp32, "
+            f"{peaks['bf16']:.0f} GFLOP/s bf16; image-tower GFLOP per image: {models}. The bf16 limit is the bf16 "
+            "peak over the model's FLOPs."
+        )
+    return text
 
 
 # ---- decoding -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from app.settings import Settings
 
 from .backends.base import ImageTower, TextTower
-from .backends.cache import ONNX_BACKENDS, Export, export_dir, read_valid
+from .backends.cache import EXPORTED_BACKENDS, OPENVINO_BACKENDS, Export, export_dir, read_valid
 from .card import ModelCard, read_auto_record, read_card
 from .errors import EncoderLoadError
 from .load import ModelIdentity, ModelSource, PreprocessConfig, hub_reachable
@@ -82,12 +82,17 @@ def find_exported_model(settings: Settings) -> tuple[ExportedModel, str | None] 
 
 def find_export(model: ExportedModel, backend: str, data_dir: Path) -> Export | str:
     """The verified export of `backend` for the model, or why there is none."""
-    if backend not in ONNX_BACKENDS:
+    if backend not in EXPORTED_BACKENDS:
         return f"backend {backend!r} has no torch-free form"
     return read_valid(export_dir(model.identity, backend, data_dir), model.identity.weights_sha256)
 
 
 def open_towers(export: Export, threads: int) -> tuple[ImageTower, TextTower]:
+    """The runtime's sessions over a verified export: ONNX Runtime, or OpenVINO (the `openvino` extra)."""
+    if export.backend in OPENVINO_BACKENDS:
+        from .backends.openvino_backend import open_openvino_towers
+
+        return open_openvino_towers(export, threads)
     from .backends.onnx_backend import open_onnx_towers
 
     return open_onnx_towers(export, threads)

@@ -12,12 +12,12 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from app.settings import Settings
 
 from .backends import ImageTower, TextTower
-from .backends.cache import ONNX_BACKENDS, ExportError
+from .backends.cache import EXPORTED_BACKENDS, ONNX_BACKENDS, ExportError, model_folder
+from .choice import REFERENCE, BackendChoice, host_key, measure, read_choice, write_choice
 from .encoder import Encoder, ServedModel
 from .errors import EncoderLoadError
 from .exported import find_export, find_exported_model, open_towers, unreachable_reason
@@ -27,7 +27,7 @@ from .resources import read_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", *EXPORTED_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,13 @@ def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[
 
     if backend == "torch":
         return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
-    if backend in ONNX_BACKENDS:
+    if backend in EXPORTED_BACKENDS:
         try:
-            from .backends.onnx_backend import load_onnx_towers
+            from .backends.export import ensure_export
 
-            image, text, _ = load_onnx_towers(loaded, backend, settings.data_dir, settings.threads)
-            return image, text
+            return open_towers(
+                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads), settings.threads
+            )
         except Exception as exc:  # ExportError, or whatever torch.onnx / onnxruntime raised (or a missing import)
             stage = exc.stage if isinstance(exc, ExportError) else "import"
             log.warning(
@@ -166,8 +167,11 @@ def create_encoder(settings: Settings, *, torch_free: bool = True) -> tuple[Enco
         log.info("serving with torch: %s", opened)
     configure_threads(settings.threads)
     source, loaded, fallback = _resolve(settings)
-    backend = _backend(loaded.config_key, settings)
-    image_tower, text_tower = make_towers(loaded, backend, settings)
+    choice: BackendChoice | None = None
+    if settings.backend == "auto":
+        image_tower, text_tower, choice = _auto_towers(loaded, settings)
+    else:
+        image_tower, text_tower = make_towers(loaded, settings.backend, settings)
     if image_tower.name != "torch":
         try:
             from .card import write_card
@@ -176,12 +180,69 @@ def create_encoder(settings: Settings, *, torch_free: bool = True) -> tuple[Enco
         except Exception as exc:  # only a torch-free next start depends on it
             log.warning("could not write the model card of %s: %s", loaded.identity.model_id, exc)
     encoder = _encoder(loaded, image_tower, text_tower, settings)
+    encoder.backend_choice = choice.to_dict() if choice is not None else None
     warm_up(encoder)
     return encoder, fallback
 
 
-def _backend(config_key: str, settings: Settings) -> str:
-    return ModelDefaults.for_key(config_key).default_backend if settings.backend == "auto" else settings.backend
+def available_backends() -> list[str]:
+    """The exported backends this installation can run (OpenVINO's need the `openvino` extra)."""
+    import importlib.util
+
+    out = list(ONNX_BACKENDS)
+    if importlib.util.find_spec("openvino") is not None:
+        out.append("openvino")
+        if importlib.util.find_spec("nncf") is not None:
+            out.append("openvino-int8")
+    return out
+
+
+def _auto_towers(loaded: LoadedModel, settings: Settings) -> tuple[ImageTower, TextTower, BackendChoice | None]:
+    """`auto` on the torch path: the cached choice for this host, else measure every available backend."""
+    from .backends.export import CHECK_PROMPTS, ensure_export
+
+    host = host_key(settings.threads)
+    folder = model_folder(loaded.identity, settings.data_dir)
+    cached = read_choice(folder, host)
+    if cached is not None:
+        image, text = make_towers(loaded, cached.backend, settings)
+        return image, text, cached if image.name == cached.backend else None
+    candidates: dict[str, tuple[ImageTower, TextTower]] = {}
+    for backend in available_backends():
+        try:
+            towers = open_towers(
+                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads), settings.threads
+            )
+        except Exception as exc:  # ExportError, or what the runtime raised: the backend is just not a candidate
+            log.info("auto: %s is not a candidate for %s: %s", backend, loaded.identity.model_id, exc)
+            continue
+        if towers[0].name != backend:  # e.g. an onnx-int8 export that kept fp32 towers is `onnx` again
+            log.info(
+                "auto: %s runs as %s for %s: not a candidate of its own", backend, towers[0].name, loaded.config_key
+            )
+            continue
+        candidates[backend] = towers
+    if REFERENCE not in candidates:
+        default = ModelDefaults.for_key(loaded.config_key).default_backend
+        log.warning("auto: no fp32 export to measure against; taking %s's default %s", loaded.config_key, default)
+        image, text = make_towers(loaded, default, settings)
+        return image, text, None
+    choice = measure(candidates, loaded.preprocess, loaded.tokenize(CHECK_PROMPTS), host)
+    try:
+        write_choice(folder, choice)
+    except OSError as exc:
+        log.warning("auto: could not cache the backend choice in %s: %s", folder, exc)
+    log.info("auto: measured %s on %s: %s", loaded.identity.model_id, host, _summary(choice))
+    image, text = candidates[choice.backend]
+    return image, text, choice
+
+
+def _summary(choice: BackendChoice) -> str:
+    rows = [
+        f"{name} {c['img_per_s']} img/s, min cosine {c['min_cosine']}{'' if c['eligible'] else ' (not eligible)'}"
+        for name, c in choice.candidates.items()
+    ]
+    return f"chose {choice.backend} ({'; '.join(rows)})"
 
 
 def _encoder(model: ServedModel, image: ImageTower, text: TextTower, settings: Settings) -> Encoder:
@@ -190,9 +251,8 @@ def _encoder(model: ServedModel, image: ImageTower, text: TextTower, settings: S
         model,
         image,
         text,
-        batch_size=settings.batch_size,
+        batch_size=settings.max_batch,
         templates=defaults.templates,
-        default_backend=defaults.default_backend,
     )
 
 
@@ -202,7 +262,13 @@ def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
     if isinstance(found, str):
         return found
     model, fallback = found
-    backend = _backend(model.config_key, settings)
+    backend: str = settings.backend
+    choice = None
+    if backend == "auto":
+        choice = read_choice(model.folder, host_key(settings.threads))
+        if choice is None:
+            return f"no measured backend choice for {model.identity.model_id} on this host yet"
+        backend = choice.backend
     export = find_export(model, backend, settings.data_dir)
     if isinstance(export, str):
         return f"no usable {backend} export of {model.identity.model_id}: {export}"
@@ -213,7 +279,18 @@ def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
     if fallback is not None:
         announce_fallback(fallback)
     log.info("serving %s from its %s export, without torch", model.identity.model_id, backend)
-    return _encoder(model, image, text, settings), fallback
+    if choice is not None:
+        log.info("auto: %s (cached for this host)", _summary(choice))
+    encoder = _encoder(model, image, text, settings)
+    encoder.backend_choice = choice.to_dict() if choice is not None else None
+    return encoder, fallback
+
+
+def encoder_for(loaded: LoadedModel, backend: str, settings: Settings) -> Encoder:
+    """An encoder of an already loaded model on `backend` (`shotcache bench` compares backends of one
+    load through this)."""
+    image_tower, text_tower = make_towers(loaded, backend, settings)
+    return _encoder(loaded, image_tower, text_tower, settings)
 
 
 def warm_up(encoder: Encoder) -> None:
@@ -223,7 +300,3 @@ def warm_up(encoder: Encoder) -> None:
     size = encoder.input_size
     encoder.encode_pixels(np.zeros((1, 3, size, size), dtype=np.float32))
     encoder.encode_texts(["warm-up"])
-
-
-def describe(encoder: Encoder) -> dict[str, Any]:
-    return {**encoder.identity.to_dict(), "backend": encoder.backend, "logit_scale": encoder.logit_scale}

@@ -231,6 +231,7 @@ def _tokenizer(name: str) -> Any:
 
 def _finish(model: Any, tokenizer: Any, name: str, pretrained: str | None, *, config_key: str) -> LoadedModel:
     model.eval()
+    model = _reparameterize(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     preprocess = PreprocessConfig.from_open_clip(model.visual.preprocess_cfg)
@@ -241,6 +242,18 @@ def _finish(model: Any, tokenizer: Any, name: str, pretrained: str | None, *, co
         raise EncoderLoadError("build", f"the checkpoint's logit scale {logit_scale} is unusable")
     log.info("loaded %s (dim %d, logit scale %.2f)", identity.model_id, dim, logit_scale)
     return LoadedModel(model, tokenizer, preprocess, identity, logit_scale, config_key)
+
+
+def _reparameterize(model: Any) -> Any:
+    """Fuse the train-time branches of re-parameterisable blocks (MobileCLIP's FastViT / MobileOne) into the
+    single convolutions they are at inference: fewer ops to run and to export. Before hashing, so the identity
+    names the weights that actually run."""
+    if not any(callable(getattr(m, "reparameterize", None)) for m in model.modules()):
+        return model
+    from timm.utils.model import reparameterize_model
+
+    log.info("re-parameterising %s for inference", type(model.visual).__name__)
+    return reparameterize_model(model, inplace=True)
 
 
 def _embed_dim(model: Any, size: int) -> int:

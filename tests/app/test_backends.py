@@ -72,7 +72,7 @@ def tiny_model(seed: int = 0) -> LoadedModel:
 
 def tiny_encoder(loaded: LoadedModel, backend: str, data_dir: Path) -> Encoder:
     image, text = make_towers(loaded, backend, Settings(data_dir=data_dir, threads=2))
-    return Encoder(loaded, image, text, batch_size=8, templates=["a {}."], default_backend="onnx")
+    return Encoder(loaded, image, text, batch_size=8, templates=["a {}."])
 
 
 # ---- closeness to torch (the real stand-in) -----------------------------------------------------------------
@@ -94,8 +94,8 @@ def test_onnx_features_match_torch_on_real_images(encoder: Encoder, model_data_d
     # The stand-in's image tower has no MatMul to quantize and its int8 text tower fails the export check:
     # both backends run fp32 graphs, and say so.
     assert image.name == "onnx"
-    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=["a {}."], default_backend="")
-    candidate = Encoder(encoder.loaded, image, text, batch_size=8, templates=["a {}."], default_backend="")
+    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=["a {}."])
+    candidate = Encoder(encoder.loaded, image, text, batch_size=8, templates=["a {}."])
     images = real_images()
     assert len(images) >= 20
     cosine = np.sum(reference.encode_images(images) * candidate.encode_images(images), axis=1)
@@ -106,13 +106,11 @@ def test_onnx_features_match_torch_on_real_images(encoder: Encoder, model_data_d
     assert text_cosine.min() >= ONNX_MIN_COSINE
 
 
-def test_auto_takes_the_models_json_default(encoder: Encoder) -> None:
-    # The session encoder is built with SHOTCACHE_BACKEND unset, i.e. `auto`.
-    assert encoder.backend == ModelDefaults.for_key("offline-standin").default_backend == "onnx"
-    assert ModelDefaults.for_key("ViT-B-32").default_backend == "onnx-int8"
+def test_auto_without_anything_to_measure_takes_the_models_json_default(
+    model_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.encoder import factory
 
-
-def test_auto_follows_the_file(model_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = ModelDefaults.for_key
 
     def patched(key: str) -> ModelDefaults:
@@ -120,8 +118,14 @@ def test_auto_follows_the_file(model_data_dir: Path, monkeypatch: pytest.MonkeyP
         return ModelDefaults(defaults.templates, "torch", defaults.default_method)
 
     monkeypatch.setattr(ModelDefaults, "for_key", staticmethod(patched))
-    encoder, _ = create_encoder(Settings(model="offline", backend="auto", data_dir=model_data_dir, threads=2))
+    monkeypatch.setattr(factory, "read_choice", lambda *args: None)
+    monkeypatch.setattr(factory, "available_backends", list)
+    settings = Settings(model="offline", backend="auto", data_dir=model_data_dir, threads=2)
+    encoder, _ = create_encoder(settings, torch_free=False)
     assert encoder.backend == "torch"
+    assert encoder.backend_choice is None
+    assert ModelDefaults.for_key("ViT-B-32").default_backend == "torch"
+    assert real("ViT-B-32").default_backend == "onnx-int8"
 
 
 # ---- the export cache (tiny model) --------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def test_a_full_start_reports_the_backend_really_used(
     def unavailable(*args: Any, **kwargs: Any) -> Any:
         raise export.ExportError("load", "ONNX Runtime could not load the model")
 
-    monkeypatch.setattr("app.encoder.backends.onnx_backend.ensure_export", unavailable)
+    monkeypatch.setattr("app.encoder.backends.export.ensure_export", unavailable)
     data_dir = tmp_path / "data"
     (data_dir / "models").mkdir(parents=True)
     (data_dir / "models" / "offline-standin").symlink_to(model_data_dir / "models" / "offline-standin")

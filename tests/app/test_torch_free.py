@@ -100,6 +100,7 @@ with TestClient(create_app()) as client:
 print(json.dumps({
     "modules": sorted(m for m in sys.modules if m.split(".")[0] in forbidden),
     "backend": info["model"]["backend"],
+    "backend_choice": info["model"]["backend_choice"],
     "labels": [r["label"] for r in answer.json()["results"]],
     "features": features,
 }))
@@ -128,10 +129,11 @@ def test_serving_from_exports_imports_no_torch_and_agrees_with_torch(
     served = json.loads(run.stdout.strip().splitlines()[-1])
     assert served["modules"] == []
     assert served["backend"] == "onnx"
+    assert served["backend_choice"] is None  # configured, not chosen by `auto`
     # The same images through eager torch (the reference path) in this process.
     torch_image, torch_text = make_towers(encoder.loaded, "torch", Settings(data_dir=model_data_dir, threads=2))
     templates = ModelDefaults.for_key(encoder.config_key).templates  # the service's zero-shot prompts
-    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=templates, default_backend="")
+    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=templates)
     from app.images import ImageLimits, decode_image
 
     images = [decode_image(Path(p).read_bytes(), ImageLimits()) for p in test]

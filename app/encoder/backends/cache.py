@@ -20,6 +20,8 @@ from ..load import ModelIdentity
 EXPORT_FORMAT = 1  # bump when the export recipe changes: older folders are then exported again
 MANIFEST = "manifest.json"
 ONNX_BACKENDS = ("onnx", "onnx-int8")
+OPENVINO_BACKENDS = ("openvino", "openvino-int8")  # the `openvino` extra
+EXPORTED_BACKENDS = ONNX_BACKENDS + OPENVINO_BACKENDS
 INPUT_NAMES = {"image": "pixels", "text": "tokens"}
 
 Tower = Literal["image", "text"]
@@ -40,6 +42,7 @@ class TowerExport:
     precision: str  # "fp32", "int8", "bf16"...
     check: dict[str, float]  # min_cosine, mean_cosine, max_abs_diff against torch at export time
     note: str | None = None
+    extra_files: tuple[str, ...] = ()  # files beside `path` that belong to it (OpenVINO's weights .bin)
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,15 @@ def read_valid(folder: Path, weights_sha256: str) -> Export | str:
             path = folder / entry["file"]
             if not path.is_file():
                 return f"{path.name} is missing"
-            for extra in entry.get("extra_files", []):  # e.g. OpenVINO's .bin beside its .xml
+            extras = entry.get("extra_files", [])
+            for extra in extras:
                 if not (folder / extra["file"]).is_file() or sha256_file(folder / extra["file"]) != extra["sha256"]:
                     return f"{extra['file']} is missing or does not match its checksum"
             if sha256_file(path) != entry["sha256"]:
                 return f"{path.name} does not match its checksum"
-            towers[tower] = TowerExport(path, entry["precision"], dict(entry["check"]), entry.get("note"))
+            towers[tower] = TowerExport(
+                path, entry["precision"], dict(entry["check"]), entry.get("note"), tuple(e["file"] for e in extras)
+            )
         return Export(manifest["backend"], folder, towers["image"], towers["text"])
     except (KeyError, TypeError) as exc:
         return f"incomplete manifest: {exc!r}"

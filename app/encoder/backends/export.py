@@ -33,9 +33,10 @@ from ..folders import file_lock, install_folder
 from ..load import LoadedModel
 from .cache import (
     EXPORT_FORMAT,
+    EXPORTED_BACKENDS,
     INPUT_NAMES,
     MANIFEST,
-    ONNX_BACKENDS,
+    OPENVINO_BACKENDS,
     Export,
     ExportError,
     Tower,
@@ -82,8 +83,8 @@ def export_dir(loaded: LoadedModel, backend: str, data_dir: Path) -> Path:
 
 def ensure_export(loaded: LoadedModel, backend: str, data_dir: Path, *, threads: int = 1) -> Export:
     """The verified export of `loaded` for `backend`, made now if the cache lacks a valid one."""
-    if backend not in ONNX_BACKENDS:
-        raise ExportError("resolve", f"{backend!r} is not an ONNX backend ({', '.join(ONNX_BACKENDS)})")
+    if backend not in EXPORTED_BACKENDS:
+        raise ExportError("resolve", f"{backend!r} is not an exported backend ({', '.join(EXPORTED_BACKENDS)})")
     folder = export_dir(loaded, backend, data_dir)
     found = _read_valid(folder, loaded)
     if isinstance(found, Export):
@@ -150,6 +151,11 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
         if backend == "onnx":
             for tower in ("image", "text"):
                 towers[tower] = _export_fp32(loaded, tower, tmp / f"{tower}.onnx", threads)
+        elif backend in OPENVINO_BACKENDS:
+            from .openvino_export import build_openvino
+
+            fp32 = ensure_export(loaded, "onnx", data_dir, threads=threads)
+            towers = build_openvino(loaded, backend, fp32, tmp, threads)
         else:
             fp32 = ensure_export(loaded, "onnx", data_dir, threads=threads)
             towers["image"] = _quantize(loaded, "image", fp32.image, tmp / "image.onnx", threads, required=True)
@@ -167,6 +173,7 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
                     "precision": t.precision,
                     "check": t.check,
                     "note": t.note,
+                    "extra_files": [{"file": f, "sha256": _sha256(tmp / f)} for f in t.extra_files],
                 }
                 for name, t in towers.items()
             },
@@ -189,7 +196,7 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
 
 def _export_fp32(loaded: LoadedModel, tower: Tower, path: Path, threads: int) -> TowerExport:
     module = _TowerModule(loaded.model, tower).eval()
-    example = torch.from_numpy(_check_inputs(loaded, tower)[:2])
+    example = torch.from_numpy(check_inputs(loaded, tower)[:2])
     name = INPUT_NAMES[tower]
     errors = []
     options: dict[str, dict[str, Any]] = {
@@ -216,7 +223,7 @@ def _export_fp32(loaded: LoadedModel, tower: Tower, path: Path, threads: int) ->
             continue
         if check["min_cosine"] >= FP32_MIN_COSINE and check["max_rel_error"] <= FP32_MAX_REL_ERROR:
             return TowerExport(path, "fp32", check, f"{exporter} exporter")
-        errors.append(f"{exporter} exporter: output differs from torch ({_describe(check)})")
+        errors.append(f"{exporter} exporter: output differs from torch ({describe(check)})")
     raise ExportError(f"export {tower} tower", "; ".join(errors))
 
 
@@ -240,24 +247,29 @@ def _quantize(
         return TowerExport(path, "fp32", fp32.check, f"no {'/'.join(QUANTIZED_OPS)} to quantize: runs fp32")
     if check["min_cosine"] >= INT8_MIN_COSINE:
         return TowerExport(path, "int8", check)
-    problem = f"int8 {tower} tower is too far from torch ({_describe(check)}; bound {INT8_MIN_COSINE})"
+    problem = f"int8 {tower} tower is too far from torch ({describe(check)}; bound {INT8_MIN_COSINE})"
     if required:
         raise ExportError(f"verify int8 {tower} tower", problem)
     log.info("%s: keeping the fp32 %s tower", problem, tower)
     shutil.copyfile(fp32.path, path)
-    return TowerExport(path, "fp32", fp32.check, f"int8 rejected: {_describe(check)}")
+    return TowerExport(path, "fp32", fp32.check, f"int8 rejected: {describe(check)}")
 
 
 def verify(loaded: LoadedModel, tower: Tower, path: Path, threads: int) -> dict[str, float]:
     """Cosine and absolute difference between the ONNX file's and torch's features on fixed inputs."""
     from .onnx_backend import make_session
 
-    inputs = _check_inputs(loaded, tower)
+    inputs = check_inputs(loaded, tower)
     session = make_session(path, threads)
     got = np.concatenate([session.run(None, {INPUT_NAMES[tower]: inputs[i : i + 3]})[0] for i in (0, 3)])
+    return compare(np.asarray(got, dtype=np.float32), torch_features(loaded, tower, inputs))
+
+
+def torch_features(loaded: LoadedModel, tower: Tower, inputs: Any) -> FloatArray:
+    """What eager torch fp32 gives for `inputs` on `tower` (the reference every export is checked against)."""
     with torch.inference_mode():
-        want = _TowerModule(loaded.model, tower)(torch.from_numpy(inputs)).float().numpy()
-    return compare(np.asarray(got, dtype=np.float32), want)
+        out: FloatArray = _TowerModule(loaded.model, tower)(torch.from_numpy(inputs)).float().numpy()
+    return out
 
 
 def compare(got: FloatArray, want: FloatArray) -> dict[str, float]:
@@ -271,7 +283,7 @@ def compare(got: FloatArray, want: FloatArray) -> dict[str, float]:
     }
 
 
-def _check_inputs(loaded: LoadedModel, tower: Tower) -> Any:
+def check_inputs(loaded: LoadedModel, tower: Tower) -> Any:
     """Four fixed inputs: normalised-pixel-like noise for images, fixed prompts for text."""
     if tower == "image":
         size = loaded.preprocess.size
@@ -280,7 +292,7 @@ def _check_inputs(loaded: LoadedModel, tower: Tower) -> Any:
     return np.ascontiguousarray(loaded.tokenizer(list(CHECK_PROMPTS)).numpy(), dtype=np.int64)
 
 
-def _describe(check: dict[str, float]) -> str:
+def describe(check: dict[str, float]) -> str:
     return f"min cosine {check['min_cosine']:.5f}, max abs diff {check['max_abs_diff']:.3g}"
 
 

@@ -1,0 +1,104 @@
+"""`SHOTCACHE_BACKEND=auto`: the fastest backend within the fidelity bound, measured once per model and host,
+cached, and re-used by the next (torch-free) start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.encoder.backends.cache import model_folder
+from app.encoder.choice import CHOICE_FILE, FIDELITY_MIN_COSINE, host_key, measure
+from app.encoder.encoder import Encoder
+from app.encoder.load import PreprocessConfig
+from tests.conftest import link_model
+
+PRE = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_towers(clock: FakeClock, seconds_per_image: float, noise: float) -> tuple[Any, Any]:
+    """Towers whose features are a fixed projection plus `noise`, costing `seconds_per_image` on the clock."""
+    projection = np.random.default_rng(0).standard_normal((3 * 16 * 16, 8)).astype(np.float32)
+    rng = np.random.default_rng(1)
+
+    def image(pixels: Any) -> Any:
+        clock.now += seconds_per_image * pixels.shape[0]
+        out = pixels.reshape(pixels.shape[0], -1) @ projection
+        return out + noise * rng.standard_normal(out.shape).astype(np.float32) * np.abs(out).mean()
+
+    def text(tokens: Any) -> Any:
+        return tokens.astype(np.float32) @ np.ones((tokens.shape[1], 8), dtype=np.float32)
+
+    return image, text
+
+
+def test_the_fastest_eligible_backend_wins_and_a_lossy_one_is_not_eligible() -> None:
+    clock = FakeClock()
+    candidates = {
+        "onnx": fake_towers(clock, 0.010, 0.0),
+        "onnx-int8": fake_towers(clock, 0.004, 0.001),  # faster, within the bound
+        "openvino-int8": fake_towers(clock, 0.001, 0.3),  # fastest, but too far from fp32
+    }
+    tokens = np.arange(12, dtype=np.int64).reshape(3, 4) % 7 + 1
+    choice = measure(candidates, PRE, tokens, "host", clock=clock)
+    assert choice.backend == "onnx-int8"
+    assert not choice.candidates["openvino-int8"]["eligible"]
+    assert choice.candidates["openvino-int8"]["min_cosine"] < FIDELITY_MIN_COSINE
+    assert choice.candidates["onnx-int8"]["img_per_s"] > choice.candidates["onnx"]["img_per_s"] > 0
+    assert not choice.cached
+
+
+def _private_copy(model_data_dir: Path, data_dir: Path, encoder: Encoder) -> Path:
+    """A data dir whose model folder is its own (the choice file may be edited) over the shared exports."""
+    link_model(data_dir, model_data_dir)
+    (data_dir / "exports").unlink()
+    shared = model_folder(encoder.identity, model_data_dir.resolve())
+    mine = model_folder(encoder.identity, data_dir)
+    mine.mkdir(parents=True)
+    for item in shared.iterdir():
+        if item.is_dir() and not item.name.startswith("."):
+            (mine / item.name).symlink_to(item, target_is_directory=True)
+        elif item.is_file() and not item.name.startswith("."):
+            shutil.copy2(item, mine / item.name)
+    shutil.copytree(model_data_dir.resolve() / "exports" / "sources", data_dir / "exports" / "sources")
+    return mine
+
+
+START = (
+    "import json\nfrom app.encoder import create_encoder\nfrom app.settings import Settings\n"
+    "enc, _ = create_encoder(Settings(model='offline', backend='auto', threads=2))\n"
+    "print(json.dumps([enc.backend, enc.backend_choice]))"
+)
+
+
+def test_the_choice_is_cached_per_host_and_reused(encoder: Encoder, model_data_dir: Path, tmp_path: Path) -> None:
+    # The session encoder started with `auto` on the torch path: it measured (or found) this host's choice.
+    assert encoder.backend_choice is not None
+    host = host_key(2)
+    mine = _private_copy(model_data_dir, tmp_path / "data", encoder)
+    table = json.loads((mine / CHOICE_FILE).read_text())
+    assert table[host]["backend"] == encoder.backend_choice["backend"]
+    # Re-used, not re-measured: a start follows whatever the cache says for this host.
+    other = "onnx" if table[host]["backend"] != "onnx" else "onnx-int8"
+    table[host]["backend"] = other
+    (mine / CHOICE_FILE).write_text(json.dumps(table))
+    env = {**__import__("os").environ, "SHOTCACHE_DATA_DIR": str(tmp_path / "data")}
+    run = subprocess.run([sys.executable, "-c", START], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    backend, choice = json.loads(run.stdout.strip().splitlines()[-1])
+    assert choice["backend"] == other
+    assert choice["cached"] is True
+    assert backend == ("onnx" if other == "onnx-int8" else other)  # the stand-in's int8 export keeps fp32 towers
