@@ -65,6 +65,7 @@ class TuneReport:
     confidence: FloatArray = field(default_factory=lambda: np.zeros(0, np.float32))  # max calibrated prob per row
     correct: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # argmax == label per row
     rows: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # scored rows, caller's indexing
+    predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # argmax class per row
     n_evaluated: int = 0  # grid points scored
 
     def to_dict(self) -> dict[str, object]:
@@ -77,6 +78,16 @@ class TuneReport:
             "n_evaluated": self.n_evaluated,
             "fallback": self.fallback,
         }
+
+    def confusion(self, labels: IntArray, n_classes: int) -> IntArray:
+        """[N, N] counts of scored rows: [i, j] rows of class i that leave-one-out predicted as j.
+
+        `labels` are the labels of the rows the method was tuned on (caller's indexing, as `rows`).
+        """
+        out = np.zeros((n_classes, n_classes), dtype=np.int64)
+        if self.predicted.size:
+            np.add.at(out, (np.asarray(labels)[self.rows], self.predicted), 1)
+        return out
 
 
 def scored_rows(support: Support, *, min_shots: int = 2, max_rows: int | None = None) -> IntArray:
@@ -359,6 +370,7 @@ def search(
     # The top calibrated probability is 1 / sum_c exp(z_c - max z): no [rows, N] float64 softmax needed.
     shifted = calibrated - calibrated.max(axis=1, keepdims=True)
     confidence = (1.0 / np.exp(shifted).sum(axis=1, dtype=np.float64)).astype(np.float32)
+    predicted = np.argmax(calibrated, axis=1).astype(np.int64)
     return TuneReport(
         hyperparams=dict(current),
         accuracy=current_score.accuracy,
@@ -366,7 +378,8 @@ def search(
         temperature=current_score.temperature,
         n_scored=int(labels.size),
         confidence=confidence,
-        correct=np.argmax(calibrated, axis=1) == labels,
+        correct=predicted == labels,
+        predicted=predicted,
         n_evaluated=len(seen),
     )
 
