@@ -71,7 +71,6 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         shoot(page, "create-error")
         bad.get_by_role("button", name="Remove broken.jpg").click()
         expect(page.locator("#create-summary")).to_have_text("3 classes, 13 images")
-        shoot(page, "create")
 
         # --- build: upload progress, then the background build, then the result
         page.get_by_role("button", name="Build the task").click()
