@@ -41,14 +41,20 @@ class ClassLooOut(BaseModel):
     accuracy: float | None = Field(description="correct / scored (None when no shot was scored).")
 
 
+class ConfusionCount(BaseModel):
+    actual: str = Field(description="The shots' class.")
+    predicted: str = Field(description="What leave-one-out classified them as.")
+    count: int
+
+
 class LooOut(BaseModel):
     """What leave-one-out said about the task's method, per class."""
 
     method: str
     classes: list[ClassLooOut] = Field(description="Per class, in the task's class order.")
-    confusion: list[list[int]] = Field(
-        description="confusion[i][j]: scored shots of class i that leave-one-out classified as class j "
-        "(classes in the task's order)."
+    confusion: list[ConfusionCount] = Field(
+        description="The confusion matrix's non-zero cells: scored shots of class `actual` that leave-one-out "
+        "classified as `predicted` (the diagonal included)."
     )
 
 

@@ -65,7 +65,8 @@ class TuneReport:
     confidence: FloatArray = field(default_factory=lambda: np.zeros(0, np.float32))  # max calibrated prob per row
     correct: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # argmax == label per row
     rows: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # scored rows, caller's indexing
-    predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # argmax class per row
+    labels: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # true class per scored row
+    predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # argmax class per scored row
     n_evaluated: int = 0  # grid points scored
 
     def to_dict(self) -> dict[str, object]:
@@ -79,14 +80,10 @@ class TuneReport:
             "fallback": self.fallback,
         }
 
-    def confusion(self, labels: IntArray, n_classes: int) -> IntArray:
-        """[N, N] counts of scored rows: [i, j] rows of class i that leave-one-out predicted as j.
-
-        `labels` are the labels of the rows the method was tuned on (caller's indexing, as `rows`).
-        """
+    def confusion(self, n_classes: int) -> IntArray:
+        """[N, N] counts of scored rows: [i, j] rows of class i that leave-one-out predicted as j."""
         out = np.zeros((n_classes, n_classes), dtype=np.int64)
-        if self.predicted.size:
-            np.add.at(out, (np.asarray(labels)[self.rows], self.predicted), 1)
+        np.add.at(out, (self.labels, self.predicted), 1)
         return out
 
 
@@ -379,6 +376,7 @@ def search(
         n_scored=int(labels.size),
         confidence=confidence,
         correct=predicted == labels,
+        labels=np.asarray(labels, dtype=np.int64),
         predicted=predicted,
         n_evaluated=len(seen),
     )

@@ -5,7 +5,8 @@ import { ApiError, request, thumbnailURL, upload, waitForTask } from "./api.js";
 import { $, dropTarget, el, looksLikeImage, percent, showError } from "./dom.js";
 
 const EVIDENCE = 3;
-const BUTTONS_UP_TO = 12; // more classes than this: a select and one button instead of a button per class
+const BUTTONS_UP_TO = 12;
+const MATRIX_UP_TO = 25; // classes; beyond, the confusion matrix is listed as its largest off-diagonal cells // more classes than this: a select and one button instead of a button per class
 let current = null; // the task shown
 
 const taskPath = (id, tail = "") => `/v1/tasks/${encodeURIComponent(id)}${tail}`;
@@ -47,10 +48,22 @@ function renderPerClass(task) {
   confusion.hidden = !loo;
   if (!loo) return;
   const names = task.classes.map((c) => c.name);
+  if (names.length > MATRIX_UP_TO) {
+    // Too many classes for a matrix on a screen: the most frequent confusions instead.
+    $("#confusion-title").textContent = "Most frequent leave-one-out confusions";
+    const off = loo.confusion.filter((c) => c.actual !== c.predicted).sort((a, b) => b.count - a.count).slice(0, 20);
+    confusion.replaceChildren(el("thead", {}, el("tr", {}, ["true class", "predicted as", "shots"].map((t) => el("th", { scope: "col", text: t })))),
+      el("tbody", {}, off.map((c) => el("tr", {}, el("td", { text: c.actual }), el("td", { text: c.predicted }), el("td", { text: c.count })))));
+    return;
+  }
+  $("#confusion-title").textContent = "Confusion matrix";
+  const index = new Map(names.map((n, i) => [n, i]));
+  const counts = names.map(() => names.map(() => 0));
+  for (const c of loo.confusion) counts[index.get(c.actual)][index.get(c.predicted)] = c.count;
   const header = el("tr", {}, el("th", { scope: "col", text: "true \\ predicted" }), names.map((n) => el("th", { scope: "col", text: n })));
-  const rows = loo.confusion.map((counts, i) => {
-    const total = counts.reduce((a, b) => a + b, 0) || 1;
-    return el("tr", {}, el("th", { scope: "row", text: names[i] }), counts.map((n, j) =>
+  const rows = counts.map((row, i) => {
+    const total = row.reduce((a, b) => a + b, 0) || 1;
+    return el("tr", {}, el("th", { scope: "row", text: names[i] }), row.map((n, j) =>
       el("td", { class: i === j ? "diag" : n ? "off" : "", style: `--share:${n / total}`, title: `${names[i]} → ${names[j]}: ${n}`, text: n })));
   });
   confusion.replaceChildren(el("thead", {}, header), el("tbody", {}, rows));

@@ -40,14 +40,15 @@ def test_loo_confusion_matches_the_report(name: str) -> None:
     method.tune(t.keys, t.labels, t.text, t.groups)
     report = method.tune_report
     assert report is not None
-    confusion = report.confusion(t.labels, t.n_classes)
+    confusion = report.confusion(t.n_classes)
     assert confusion.shape == (4, 4)
     assert confusion.sum() == report.n_scored
     assert np.trace(confusion) == int(report.correct.sum())
     assert report.accuracy == pytest.approx(np.trace(confusion) / confusion.sum())
     assert confusion.sum(axis=1).tolist() == np.bincount(t.labels[report.rows], minlength=4).tolist()
-    # Each row's prediction is the argmax the report's correctness was judged by.
-    assert np.array_equal(report.predicted == t.labels[report.rows], report.correct)
+    # The rows' true labels are the caller's, and each prediction is what correctness was judged by.
+    assert np.array_equal(report.labels, t.labels[report.rows])
+    assert np.array_equal(report.predicted == report.labels, report.correct)
 
 
 def test_no_confusion_without_leave_one_out() -> None:
@@ -55,4 +56,4 @@ def test_no_confusion_without_leave_one_out() -> None:
     method = get_method("tip-adapter")()
     method.tune(t.keys, t.labels, t.text, t.groups)
     assert method.tune_report is not None
-    assert method.tune_report.confusion(t.labels, t.n_classes).sum() == 0
+    assert method.tune_report.confusion(t.n_classes).sum() == 0

@@ -85,7 +85,10 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         expect(page.locator("#per-class tbody tr")).to_have_count(3)
         if task["loo"] is not None:  # PHASE-2 guard, removed with the API additions
             expect(page.locator("#confusion tbody tr")).to_have_count(3)
-            confusion = [[int(c) for c in row] for row in task["loo"]["confusion"]]
+            names = [c["name"] for c in task["classes"]]
+            confusion = [[0] * len(names) for _ in names]
+            for cell in task["loo"]["confusion"]:
+                confusion[names.index(cell["actual"])][names.index(cell["predicted"])] = cell["count"]
             shown = page.locator("#confusion tbody tr").evaluate_all(
                 "rows => rows.map(r => [...r.querySelectorAll('td')].map(td => Number(td.textContent)))"
             )
@@ -163,6 +166,11 @@ def test_phone_width_and_api_key(keyed_server: Server, tmp_path: Path) -> None:
         assert page.evaluate("localStorage.length") == 0
         page.get_by_role("link", name="New task", exact=True).first.click()
         expect(page.locator(".class-card").first).to_be_visible()
+        # The pickers are keyboard-usable: Enter on the focused picker opens the file chooser.
+        page.locator("label[for=classes-folder]").focus()
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        assert chooser.value.is_multiple()
         # Nothing wider than the phone's screen.
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         shoot(page, "phone")
