@@ -4,6 +4,7 @@ delete; refused input is shown next to its file. Screenshots of each screen go t
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,18 @@ pytestmark = pytest.mark.browser
 
 SCREENSHOTS = Path(os.environ.get("SHOTCACHE_SCREENSHOTS", REPO / "docs" / "screenshots"))
 BUILD_TIMEOUT_MS = 180_000
+# Drop on the classify zone, or paste on the page, a JPEG given as base64 (what a user's drag or Ctrl+V does).
+DISPATCH = """([kind, b64, name]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+  if (kind === "drop") {
+    const drop = new DragEvent("drop", { dataTransfer: data, bubbles: true });
+    document.querySelector("#classify-drop").dispatchEvent(drop);
+  } else {
+    document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+  }
+}"""
 
 
 def shoot(page: object, name: str) -> None:
@@ -120,10 +133,19 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
             assert thumbs.first.evaluate("img => img.complete && img.naturalWidth > 0")
         shoot(page, "classify")
 
+        # --- drop and paste one image each (the page's two other ways in)
+        probe = base64.b64encode(files[0].read_bytes()).decode()
+        for event in ("drop", "paste"):
+            page.evaluate(DISPATCH, [event, probe, f"{event}.jpg"])
+            expect(results).to_have_count(len(files) + (1 if event == "drop" else 2))
+            expect(results.first.locator(".filename")).to_have_text(f"{event}.jpg")
+            expect(results.first.locator(".label")).to_have_text(expected[0], timeout=60_000)
+
         # --- correct one prediction: a wrong one if any, else the first; the task re-tunes, version 2
         wrong = [i for i, (e, t) in enumerate(zip(expected, truth, strict=True)) if e != t]
         index = wrong[0] if wrong else 0
         right = truth[index] if wrong else next(c for c in CLASSES if c != expected[index])
+        index += 2  # the dropped and pasted cards came first
         results.nth(index).get_by_role("button", name=f"Add this image as a shot of {right}").click()
         expect(page.locator("#task-version")).to_have_text("version 2", timeout=BUILD_TIMEOUT_MS)
         expect(results.nth(index).locator(".correction-status")).to_contain_text("version 2")
