@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import Response
-
-from app.service.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 _TYPES = {
@@ -45,5 +43,5 @@ async def index() -> Response:
 async def static_file(name: str) -> Response:
     path = _FILES.get(name)
     if path is None:
-        raise NotFound(f"no static file {name!r}", code="not_found")
+        raise HTTPException(404, f"no static file {name!r}")
     return _serve(path)
