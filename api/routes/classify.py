@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..deps import CallerDep, ServiceDep
-from ..schemas import ClassifyOut, ImageResult, LabelProbability
+from ..schemas import ClassifyOut, EvidenceOut, ImageResult, LabelProbability
 from .forms import read_uploads
 from .tasks import UPLOAD_ERRORS
 
@@ -25,11 +25,14 @@ async def classify(
     abstain: Annotated[
         bool, Form(description="Answer label null when the top probability is below the task's threshold.")
     ] = False,
+    evidence: Annotated[
+        int, Form(description="Also return each image's k nearest shots (ids, class, cosine); 0: none.")
+    ] = 0,
 ) -> ClassifyOut:
     service.get_task(caller.tenant, task_id)  # 404/409 before reading the uploads
     uploads = await read_uploads(images, service.limits.max_file_bytes)
     task, predictions = await service.classify(
-        caller.tenant, task_id, uploads, top_k=top_k, method=method, abstain=abstain
+        caller.tenant, task_id, uploads, top_k=top_k, method=method, abstain=abstain, evidence=evidence
     )
     return ClassifyOut(
         task_id=task.task_id,
@@ -43,6 +46,9 @@ async def classify(
                 method=p.method,
                 model=task.model_id,
                 reason=p.reason,
+                evidence=None
+                if p.evidence is None
+                else [EvidenceOut(shot=s, label=label, similarity=c) for s, label, c in p.evidence],
             )
             for upload, p in zip(uploads, predictions, strict=True)
         ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.service import BuildStatus, Task
 
-from ..schemas import BuildOut, ClassOut, ErrorBody, MethodOut, TaskOut
+from ..schemas import BuildOut, ClassLooOut, ClassOut, ConfusionCount, ErrorBody, LooOut, MethodOut, TaskOut
 
 
 def task_out(task: Task) -> TaskOut:
@@ -28,7 +28,31 @@ def task_out(task: Task) -> TaskOut:
         method_requested=task.method_requested,
         hyperparams=fit.method.hyperparams,
         loo_accuracy=fit.loo_accuracy,
+        loo=loo_out(task),
         methods={name: MethodOut(**f.summary()) for name, f in task.fits.items()},
+    )
+
+
+def loo_out(task: Task) -> LooOut:
+    """Per-class leave-one-out of the task's method, and its confusion matrix's non-zero cells."""
+    names = task.class_names
+    matrix = task.fits[task.method].confusion(len(names))
+    scored = matrix.sum(axis=1)
+    return LooOut(
+        method=task.method,
+        classes=[
+            ClassLooOut(
+                name=name,
+                scored=int(scored[i]),
+                correct=int(matrix[i, i]),
+                accuracy=float(matrix[i, i] / scored[i]) if scored[i] else None,
+            )
+            for i, name in enumerate(names)
+        ],
+        confusion=[
+            ConfusionCount(actual=names[i], predicted=names[j], count=int(matrix[i, j]))
+            for i, j in zip(*matrix.nonzero(), strict=True)
+        ],
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
+from app import thumbnails
 from app.encoder import ClassPrompts, Encoder
 from app.fewshot import build_method
 from app.images import ImageError, ImageLimits, decode_image
@@ -64,6 +65,7 @@ class TaskBuilder:
         templates = tuple(request.templates) if request.templates is not None else tuple(self.encoder.default_templates)
         views = request.views or self.settings.views
         seeds = [shot_seed(task_id, i) for i in range(len(images))]
+        thumbs = thumbnails.pack([thumbnails.make_thumbnail(image) for image in images])
         features = self._encode_shots(images, views, seeds, progress)
         now = time.time()
         draft = Task(
@@ -82,6 +84,8 @@ class TaskBuilder:
             shot_labels=np.array([names.index(label) for label in labels], dtype=np.int64),
             shot_seeds=np.array(seeds, dtype=np.int64),
             text=self._text_weights(classes, templates),
+            thumbnail_data=thumbs[0],
+            thumbnail_offsets=thumbs[1],
             fits={},
             method="zero-shot",
             method_requested=request.method or "default",
@@ -96,6 +100,11 @@ class TaskBuilder:
         first = int(old.shot_labels.shape[0])
         seeds = [shot_seed(old.task_id, first + i) for i in range(len(images))]
         features = self._encode_shots(images, old.views, seeds, progress)
+        jpegs = [thumbnails.make_thumbnail(image) for image in images]
+        if thumbnails.count(old.thumbnail_offsets) == first:
+            thumbs = thumbnails.append(old.thumbnail_data, old.thumbnail_offsets, jpegs)
+        else:  # a task stored before thumbnails: none for its old shots, so none for the new ones either
+            thumbs = (old.thumbnail_data, old.thumbnail_offsets)
         new_classes = tuple(class_info(n, request.classes) for n in new_names)
         all_names = old.class_names + list(new_names)
         text = old.text
@@ -111,6 +120,8 @@ class TaskBuilder:
             shot_seeds=np.concatenate([old.shot_seeds, np.array(seeds, dtype=np.int64)]),
             text=text,
             backend=self.encoder.backend,
+            thumbnail_data=thumbs[0],
+            thumbnail_offsets=thumbs[1],
         )
         return self._fit(draft, hyperparams=None)
 

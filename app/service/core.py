@@ -305,6 +305,7 @@ class TaskService:
         top_k: int,
         method: str | None,
         abstain: bool,
+        evidence: int = 0,
     ) -> tuple[Task, list[Prediction]]:
         task = self.get_task(tenant, task_id)  # one version for the whole request
         if len(images) > self.settings.max_classify_files:
@@ -318,6 +319,10 @@ class TaskService:
             raise InvalidInput(
                 f"top_k must be between 1 and {self.settings.max_top_k}, got {top_k}", code="invalid_top_k"
             )
+        if not 0 <= evidence <= self.settings.max_top_k:
+            raise InvalidInput(
+                f"evidence must be between 0 and {self.settings.max_top_k}, got {evidence}", code="invalid_evidence"
+            )
         if method is not None and method not in task.fits:
             raise InvalidInput(f"unknown method {method!r}; valid: {', '.join(task.fits)}", code="unknown_method")
         loop = asyncio.get_running_loop()
@@ -328,9 +333,16 @@ class TaskService:
             self.queue.withdraw()
             raise
         features = await asyncio.wrap_future(self.queue.submit(pixels, announced=True))
-        predictions = task.classify(features, method=method, top_k=top_k, abstain=abstain)
+        predictions = task.classify(features, method=method, top_k=top_k, abstain=abstain, evidence=evidence)
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return task, predictions
+
+    def thumbnail(self, tenant: str, task_id: str, shot: int) -> bytes:
+        """A shot's stored thumbnail (JPEG)."""
+        jpeg = self.get_task(tenant, task_id).thumbnail(shot)
+        if jpeg is None:
+            raise NotFound(f"task {task_id} has no thumbnail for shot {shot}", code="shot_not_found")
+        return jpeg
 
     def _classify_pixels(self, images: Sequence[UploadedImage]) -> Any:
         return self.encoder.preprocessor.eval_pixels(self.builder.decode(images))

@@ -96,16 +96,15 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         facts = page.locator("#task-facts")
         expect(facts).to_contain_text(task["method"])
         expect(page.locator("#per-class tbody tr")).to_have_count(3)
-        if task["loo"] is not None:  # PHASE-2 guard, removed with the API additions
-            expect(page.locator("#confusion tbody tr")).to_have_count(3)
-            names = [c["name"] for c in task["classes"]]
-            confusion = [[0] * len(names) for _ in names]
-            for cell in task["loo"]["confusion"]:
-                confusion[names.index(cell["actual"])][names.index(cell["predicted"])] = cell["count"]
-            shown = page.locator("#confusion tbody tr").evaluate_all(
-                "rows => rows.map(r => [...r.querySelectorAll('td')].map(td => Number(td.textContent)))"
-            )
-            assert shown == confusion
+        expect(page.locator("#confusion tbody tr")).to_have_count(3)
+        names = [c["name"] for c in task["classes"]]
+        confusion = [[0] * len(names) for _ in names]
+        for cell in task["loo"]["confusion"]:
+            confusion[names.index(cell["actual"])][names.index(cell["predicted"])] = cell["count"]
+        shown = page.locator("#confusion tbody tr").evaluate_all(
+            "rows => rows.map(r => [...r.querySelectorAll('td')].map(td => Number(td.textContent)))"
+        )
+        assert shown == confusion
         shoot(page, "task")
 
         # --- classify held-out images; the labels shown are the service's answers
@@ -127,10 +126,9 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         expect(page.locator(".result-card .topk li").first).to_be_visible()
         assert "null" not in page.locator("#classify-results").inner_text()
         thumbs = page.locator("img.evidence-thumb")
-        if answer["results"][0]["evidence"] is not None:  # PHASE-2 guard, removed with the API additions
-            expect(thumbs).to_have_count(3 * len(files))
-            expect(thumbs.first).to_have_attribute("src", re.compile("^blob:"))
-            assert thumbs.first.evaluate("img => img.complete && img.naturalWidth > 0")
+        expect(thumbs).to_have_count(3 * len(files))
+        expect(thumbs.first).to_have_attribute("src", re.compile("^blob:"))
+        assert thumbs.first.evaluate("img => img.complete && img.naturalWidth > 0")
         shoot(page, "classify")
 
         # --- drop and paste one image each (the page's two other ways in)
