@@ -20,6 +20,6 @@ router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 )
 async def shot_thumbnail(service: ServiceDep, caller: CallerDep, task_id: str, shot: int) -> Response:
     """Made once when the shot was added; tenant-scoped like the task; gone with the task."""
-    jpeg = service.thumbnail(caller.tenant, task_id, shot)  # a slice of an in-memory array
+    jpeg = await service.thumbnail(caller.tenant, task_id, shot)
     # Private: another tenant's key gets 404; a shot's picture never changes within a task.
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

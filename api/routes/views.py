@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from app.service import BuildStatus, Task
+from collections.abc import Sequence
 
-from ..schemas import BuildOut, ClassLooOut, ClassOut, ConfusionCount, ErrorBody, LooOut, MethodOut, TaskOut
+from app.service import BuildStatus, Classification, Task, UploadedImage
+
+from ..schemas import (
+    BuildOut,
+    ClassifyOut,
+    ClassLooOut,
+    ClassOut,
+    ConfusionCount,
+    ErrorBody,
+    EvidenceOut,
+    ImageResult,
+    LabelProbability,
+    LooOut,
+    MethodOut,
+    TaskOut,
+)
 
 
 def task_out(task: Task) -> TaskOut:
@@ -57,5 +72,30 @@ def loo_out(task: Task) -> LooOut:
 
 
 def build_out(status: BuildStatus) -> BuildOut:
-    error = ErrorBody(**status.error) if status.error else None
+    error = None
+    if status.error_code is not None:
+        error = ErrorBody(code=status.error_code, message=status.error_message or "")
     return BuildOut(id=status.task_id, status=status.state, done=status.done, total=status.total, error=error)
+
+
+def classify_out(answer: Classification, uploads: Sequence[UploadedImage]) -> ClassifyOut:
+    task = answer.task
+    return ClassifyOut(
+        task_id=task.task_id,
+        task_version=task.version,
+        model=task.model_id,
+        results=[
+            ImageResult(
+                filename=upload.filename,
+                label=p.label,
+                top_k=[LabelProbability(label=name, probability=prob) for name, prob in p.top_k],
+                method=p.method,
+                model=task.model_id,
+                reason=p.reason,
+                evidence=None
+                if p.evidence is None
+                else [EvidenceOut(shot=s, label=label, similarity=c) for s, label, c in p.evidence],
+            )
+            for upload, p in zip(uploads, answer.predictions, strict=True)
+        ],
+    )

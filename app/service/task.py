@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app import thumbnails
+from app.encoder import ClassPrompts
 from app.fewshot import shot_keys
 from cache_models import CacheMethod
 from cache_models.evidence import nearest_shots
@@ -25,13 +26,6 @@ IntArray = npt.NDArray[np.int64]
 # leave-one-out shots reached: in-distribution answers are kept at roughly that rate.
 ABSTAIN_KEEP_FRACTION = 0.95
 MIN_CORRECT_FOR_THRESHOLD = 5
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    name: str
-    prompts: tuple[str, ...] = ()
-    templates: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,7 @@ class Task:
     backend: str
     views: int
     templates: tuple[str, ...]
-    classes: tuple[ClassInfo, ...]
+    classes: tuple[ClassPrompts, ...]
     shot_features: FloatArray  # [S * views, d], rows s*views .. of shot s
     shot_labels: IntArray  # [S]
     shot_seeds: IntArray  # [S], the augmentation seed of each shot
@@ -108,7 +102,17 @@ class Task:
     fits: Mapping[str, MethodFit]
     method: str  # what classify uses unless told otherwise
     method_requested: str  # what the client asked for ("auto", a method name, or "default")
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.task_id)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this task holds (what a memory budget counts)."""
+        arrays = (self.shot_features, self.text, self.shot_labels, self.shot_seeds, self.thumbnail_data)
+        return int(sum(a.nbytes for a in arrays))
+
     # One small JPEG per shot (app.thumbnails' pack); empty for tasks stored before thumbnails existed.
     thumbnail_data: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
     thumbnail_offsets: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
@@ -130,6 +134,7 @@ class Task:
     def classify(
         self, features: FloatArray, *, method: str | None, top_k: int, abstain: bool, evidence: int = 0
     ) -> list[Prediction]:
+        """Calibrated top-k per query row. CPU work (cache math, softmax): call it from a worker thread."""
         fit = self.fits[method or self.method]
         near: list[list[tuple[int, str, float]] | None] = [None] * features.shape[0]
         if evidence > 0:
