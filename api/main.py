@@ -17,7 +17,7 @@ from .auth import KeyRing
 from .errors import install_error_handlers
 from .http_metrics import HttpMetrics
 from .limits import BodySizeLimit
-from .routes import classify, health, tasks
+from .routes import classify, health, page, shots, tasks
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(classify.router)
+    app.include_router(shots.router)
+    app.include_router(page.router)
     # The last added runs first: metrics see every answer, the body limit's 413s included.
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 1024 * 1024))
     app.add_middleware(HttpMetrics)

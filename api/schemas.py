@@ -34,6 +34,30 @@ class MethodOut(BaseModel):
     fallback: str | None
 
 
+class ClassLooOut(BaseModel):
+    name: str
+    scored: int = Field(description="Shots of this class that leave-one-out scored.")
+    correct: int = Field(description="Of those, how many leave-one-out classified as this class.")
+    accuracy: float | None = Field(description="correct / scored (None when no shot was scored).")
+
+
+class ConfusionCount(BaseModel):
+    actual: str = Field(description="The shots' class.")
+    predicted: str = Field(description="What leave-one-out classified them as.")
+    count: int
+
+
+class LooOut(BaseModel):
+    """What leave-one-out said about the task's method, per class."""
+
+    method: str
+    classes: list[ClassLooOut] = Field(description="Per class, in the task's class order.")
+    confusion: list[ConfusionCount] = Field(
+        description="The confusion matrix's non-zero cells: scored shots of class `actual` that leave-one-out "
+        "classified as `predicted` (the diagonal included)."
+    )
+
+
 class TaskOut(BaseModel):
     id: str
     status: Literal["ready"] = "ready"
@@ -50,6 +74,9 @@ class TaskOut(BaseModel):
     method_requested: str
     hyperparams: dict[str, float | int]
     loo_accuracy: float | None = Field(description="Leave-one-out accuracy estimate of `method`.")
+    loo: LooOut | None = Field(
+        default=None, description="Per-class leave-one-out accuracy and confusion matrix of `method`."
+    )
     methods: dict[str, MethodOut]
 
 
@@ -71,6 +98,12 @@ class LabelProbability(BaseModel):
     probability: float
 
 
+class EvidenceOut(BaseModel):
+    shot: int = Field(description="The shot's id in its task (thumbnail: /v1/tasks/{id}/shots/{shot}/thumbnail).")
+    label: str = Field(description="The shot's class.")
+    similarity: float = Field(description="Cosine similarity of the image's and the shot's features.")
+
+
 class ImageResult(BaseModel):
     filename: str | None
     label: str | None = Field(description="Best class, or null when abstaining.")
@@ -78,6 +111,9 @@ class ImageResult(BaseModel):
     method: str
     model: str
     reason: str | None = None
+    evidence: list[EvidenceOut] | None = Field(
+        default=None, description="The nearest support shots (`evidence=k`), most similar first."
+    )
 
 
 class ClassifyOut(BaseModel):

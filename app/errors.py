@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     INVALID_HYPERPARAMS = "invalid_hyperparams"
     HYPERPARAMS_WITHOUT_METHOD = "hyperparams_without_method"
     INVALID_TOP_K = "invalid_top_k"
+    INVALID_EVIDENCE = "invalid_evidence"
     # --- an uploaded file is not an acceptable image (app/images.py) --------------------------------
     EMPTY_FILE = "empty_file"
     CORRUPT_IMAGE = "corrupt_image"
@@ -43,6 +44,7 @@ class ErrorCode(StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     # --- the task -------------------------------------------------------------------------------
     TASK_NOT_FOUND = "task_not_found"
+    SHOT_NOT_FOUND = "shot_not_found"
     BUILDING = "building"
     MODEL_MISMATCH = "model_mismatch"
     VERSION_CONFLICT = "version_conflict"

@@ -33,12 +33,16 @@ def method_inputs(
             np.repeat(shot_labels, views),
             np.repeat(np.arange(shots, dtype=np.int64), views),
         )
+    return shot_keys(view_features, shots, views), shot_labels, np.arange(shots, dtype=np.int64)
+
+
+def shot_keys(view_features: FloatArray, shots: int, views: int) -> FloatArray:
+    """One unit vector per shot from [shots * views, d]: its views' mean direction."""
     if views == 1:
-        keys = view_features
-    else:
-        mean = view_features.reshape(shots, views, -1).mean(axis=1)
-        keys = (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
-    return keys, shot_labels, np.arange(shots, dtype=np.int64)
+        return view_features
+    mean = view_features.reshape(shots, views, -1).mean(axis=1)
+    keys: FloatArray = (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
+    return keys
 
 
 def build_method(

@@ -66,6 +66,8 @@ class TuneReport:
     confidence: FloatArray = field(default_factory=lambda: np.zeros(0, np.float32))  # max calibrated prob per row
     correct: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # argmax == label per row
     rows: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # scored rows, caller's indexing
+    labels: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # true class per scored row
+    predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # argmax class per scored row
     n_evaluated: int = 0  # grid points scored
 
     def to_dict(self) -> dict[str, object]:
@@ -78,6 +80,12 @@ class TuneReport:
             "n_evaluated": self.n_evaluated,
             "fallback": self.fallback,
         }
+
+    def confusion(self, n_classes: int) -> IntArray:
+        """[N, N] counts of scored rows: [i, j] rows of class i that leave-one-out predicted as j."""
+        out = np.zeros((n_classes, n_classes), dtype=np.int64)
+        np.add.at(out, (self.labels, self.predicted), 1)
+        return out
 
 
 def scored_rows(support: Support, *, min_shots: int = 2, max_rows: int | None = None) -> IntArray:
@@ -364,6 +372,7 @@ def _report(params: Params, score: _Score, logits: FloatArray, labels: IntArray,
     # The top calibrated probability is 1 / sum_c exp(z_c - max z): no [rows, N] float64 softmax needed.
     shifted = calibrated - calibrated.max(axis=1, keepdims=True)
     confidence = (1.0 / np.exp(shifted).sum(axis=1, dtype=np.float64)).astype(np.float32)
+    predicted = np.argmax(calibrated, axis=1).astype(np.int64)
     return TuneReport(
         hyperparams=dict(params),
         accuracy=score.accuracy,
@@ -371,7 +380,9 @@ def _report(params: Params, score: _Score, logits: FloatArray, labels: IntArray,
         temperature=score.temperature,
         n_scored=int(labels.size),
         confidence=confidence,
-        correct=np.argmax(calibrated, axis=1) == labels,
+        correct=predicted == labels,
+        labels=np.asarray(labels, dtype=np.int64),
+        predicted=predicted,
         n_evaluated=n_evaluated,
     )
 

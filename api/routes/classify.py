@@ -28,8 +28,11 @@ async def classify(
     abstain: Annotated[
         bool, Form(description="Answer label null when the top probability is below the task's threshold.")
     ] = False,
+    evidence: Annotated[
+        int, Form(description="Also return each image's k nearest shots (ids, class, cosine); 0: none.")
+    ] = 0,
 ) -> ClassifyOut:
     await service.get(caller.tenant, task_id)  # 404/409 before reading the uploads
     uploads = await read_uploads(images, service.limits.max_file_bytes)
-    request = ClassifyRequest(uploads, top_k=top_k, method=method, abstain=abstain)
+    request = ClassifyRequest(uploads, top_k=top_k, method=method, abstain=abstain, evidence=evidence)
     return classify_out(await service.classify(caller.tenant, task_id, request), uploads)

@@ -6,7 +6,20 @@ from collections.abc import Sequence
 
 from app.service import BuildStatus, Classification, Task, UploadedImage
 
-from ..schemas import BuildOut, ClassifyOut, ClassOut, ErrorBody, ImageResult, LabelProbability, MethodOut, TaskOut
+from ..schemas import (
+    BuildOut,
+    ClassifyOut,
+    ClassLooOut,
+    ClassOut,
+    ConfusionCount,
+    ErrorBody,
+    EvidenceOut,
+    ImageResult,
+    LabelProbability,
+    LooOut,
+    MethodOut,
+    TaskOut,
+)
 
 
 def task_out(task: Task) -> TaskOut:
@@ -30,7 +43,31 @@ def task_out(task: Task) -> TaskOut:
         method_requested=task.method_requested,
         hyperparams=fit.method.hyperparams,
         loo_accuracy=fit.loo_accuracy,
+        loo=loo_out(task),
         methods={name: MethodOut(**f.summary()) for name, f in task.fits.items()},
+    )
+
+
+def loo_out(task: Task) -> LooOut:
+    """Per-class leave-one-out of the task's method, and its confusion matrix's non-zero cells."""
+    names = task.class_names
+    matrix = task.fits[task.method].confusion(len(names))
+    scored = matrix.sum(axis=1)
+    return LooOut(
+        method=task.method,
+        classes=[
+            ClassLooOut(
+                name=name,
+                scored=int(scored[i]),
+                correct=int(matrix[i, i]),
+                accuracy=float(matrix[i, i] / scored[i]) if scored[i] else None,
+            )
+            for i, name in enumerate(names)
+        ],
+        confusion=[
+            ConfusionCount(actual=names[i], predicted=names[j], count=int(matrix[i, j]))
+            for i, j in zip(*matrix.nonzero(), strict=True)
+        ],
     )
 
 
@@ -55,6 +92,9 @@ def classify_out(answer: Classification, uploads: Sequence[UploadedImage]) -> Cl
                 method=p.method,
                 model=task.model_id,
                 reason=p.reason,
+                evidence=None
+                if p.evidence is None
+                else [EvidenceOut(shot=s, label=label, similarity=c) for s, label, c in p.evidence],
             )
             for upload, p in zip(uploads, answer.predictions, strict=True)
         ],

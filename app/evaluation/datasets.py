@@ -8,6 +8,16 @@ from pathlib import Path
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
+def class_name(folder: str) -> str:
+    """A class folder's name as a label: `pickup_truck` -> `pickup truck`."""
+    return folder.replace("_", " ")
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name (other files are ignored)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class FolderDataset:
     name: str
@@ -33,13 +43,13 @@ def load_folder_dataset(root: Path) -> FolderDataset:
         raise ValueError(f"{root} has {len(folders)} class folder(s); at least 2 are needed")
     train = _images(train_dir, folders)
     test = _images(test_dir, folders)
-    return FolderDataset(root.name, [f.replace("_", " ") for f in folders], train, test)
+    return FolderDataset(root.name, [class_name(f) for f in folders], train, test)
 
 
 def _images(split: Path, folders: list[str]) -> list[tuple[Path, int]]:
     out: list[tuple[Path, int]] = []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in (split / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = images_in(split / folder)
         if not files:
             raise ValueError(f"{split / folder} holds no images")
         out.extend((path, label) for path in files)

@@ -29,6 +29,8 @@ def method_fit(method: CacheMethod) -> MethodFit:
         abstain_threshold=threshold,
         n_scored=report.n_scored,
         fallback=report.fallback,
+        loo_labels=report.labels,
+        loo_predicted=report.predicted,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
+from app import thumbnails
 from app.encoder import ClassPrompts, Encoder
 from app.encoder.preprocess import Pixels, Preprocessor
 from app.fewshot import build_method
@@ -78,6 +79,7 @@ class TaskBuilder:
         names = [c.name for c in classes]
         templates = request.templates if request.templates is not None else tuple(self.encoder.default_templates)
         seeds = [shot_seed(task_id, i) for i in range(len(images))]
+        thumbs = thumbnails.pack([thumbnails.make_thumbnail(image) for image in images])
         features = self._encode_shots(images, request.views, seeds, progress)
         now = time.time()
         draft = Task(
@@ -96,6 +98,8 @@ class TaskBuilder:
             shot_labels=np.array([names.index(label) for label in request.labels], dtype=np.int64),
             shot_seeds=np.array(seeds, dtype=np.int64),
             text=self._text_weights(classes, templates),
+            thumbnail_data=thumbs[0],
+            thumbnail_offsets=thumbs[1],
             fits={},
             method="zero-shot",
             method_requested=request.method_requested,
@@ -108,6 +112,11 @@ class TaskBuilder:
         first = int(old.shot_labels.shape[0])
         seeds = [shot_seed(old.task_id, first + i) for i in range(len(images))]
         features = self._encode_shots(images, old.views, seeds, progress)
+        jpegs = [thumbnails.make_thumbnail(image) for image in images]
+        if thumbnails.count(old.thumbnail_offsets) == first:
+            thumbs = thumbnails.append(old.thumbnail_data, old.thumbnail_offsets, jpegs)
+        else:  # a task stored before thumbnails: none for its old shots, so none for the new ones either
+            thumbs = (old.thumbnail_data, old.thumbnail_offsets)
         all_names = old.class_names + [c.name for c in request.new_classes]
         text = old.text
         if request.new_classes:
@@ -124,6 +133,8 @@ class TaskBuilder:
             shot_seeds=np.concatenate([old.shot_seeds, np.array(seeds, dtype=np.int64)]),
             text=text,
             backend=self.encoder.backend,
+            thumbnail_data=thumbs[0],
+            thumbnail_offsets=thumbs[1],
         )
         target = self.default_method if old.method_requested == "default" else old.method_requested
         return self._fit(draft, target=target, hyperparams=None)

@@ -185,6 +185,13 @@ class TaskService:
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return Classification(task, predictions)
 
+    async def thumbnail(self, tenant: str, task_id: str, shot: int) -> bytes:
+        """A shot's stored thumbnail (JPEG), made when the shot was added."""
+        jpeg = (await self.get(tenant, task_id)).thumbnail(shot)
+        if jpeg is None:
+            raise AppError(ErrorCode.SHOT_NOT_FOUND, f"task {task_id} has no thumbnail for shot {shot}")
+        return jpeg
+
     async def usage(self) -> dict[str, dict[str, int]]:
         return await self._run(self._io_pool, self.store.usage)
 
@@ -293,4 +300,6 @@ class TaskService:
 
     @staticmethod
     def _predict(task: Task, features: Any, checked: CheckedClassify) -> builtins.list[Prediction]:
-        return task.classify(features, method=checked.method, top_k=checked.top_k, abstain=checked.abstain)
+        return task.classify(
+            features, method=checked.method, top_k=checked.top_k, abstain=checked.abstain, evidence=checked.evidence
+        )

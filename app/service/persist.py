@@ -27,12 +27,16 @@ def to_snapshot(task: Task) -> TaskSnapshot:
         "shot_labels": task.shot_labels,
         "shot_seeds": task.shot_seeds,
         "text": task.text,
+        "thumbnails": task.thumbnail_data,
+        "thumbnail_offsets": task.thumbnail_offsets,
     }
     methods_meta = {}
     for name, fit in task.fits.items():
         for key, value in fit.method.get_state().items():
             if key not in SUPPORT_ARRAYS:
                 arrays[f"method/{name}/{key}"] = value
+        arrays[f"loo/{name}/labels"] = fit.loo_labels
+        arrays[f"loo/{name}/predicted"] = fit.loo_predicted
         methods_meta[name] = {
             "hyperparams": fit.method.hyperparams,
             "loo_accuracy": fit.loo_accuracy,
@@ -86,6 +90,9 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
             abstain_threshold=info["abstain_threshold"],
             n_scored=int(info["n_scored"]),
             fallback=info["fallback"],
+            # Absent in tasks stored before the confusion matrix was kept: no matrix, nothing else lost.
+            loo_labels=np.asarray(arrays.get(f"loo/{name}/labels", np.zeros(0)), dtype=np.int64),
+            loo_predicted=np.asarray(arrays.get(f"loo/{name}/predicted", np.zeros(0)), dtype=np.int64),
         )
     if meta["method"] not in fits:
         raise ValueError(f"task method {meta['method']!r} has no fitted state")
@@ -108,4 +115,6 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         fits=fits,
         method=str(meta["method"]),
         method_requested=str(meta["method_requested"]),
+        thumbnail_data=np.asarray(arrays.get("thumbnails", np.zeros(0)), dtype=np.uint8),
+        thumbnail_offsets=np.asarray(arrays.get("thumbnail_offsets", np.zeros(1)), dtype=np.int64),
     )

@@ -57,6 +57,7 @@ class ClassifyRequest:
     top_k: int = 5
     method: str | None = None  # None: the task's own
     abstain: bool = False
+    evidence: int = 0  # nearest shots to return per image
 
 
 # ---- checked requests ------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ class CheckedClassify:
     top_k: int
     method: str | None
     abstain: bool
+    evidence: int
 
 
 def _invalid(code: ErrorCode, message: str) -> AppError:
@@ -169,7 +171,12 @@ class RequestRules:
             raise _invalid(
                 ErrorCode.UNKNOWN_METHOD, f"unknown method {request.method!r}; valid: {', '.join(task.fits)}"
             )
-        return CheckedClassify(request.images, request.top_k, request.method, request.abstain)
+        if not 0 <= request.evidence <= self.settings.max_top_k:
+            raise _invalid(
+                ErrorCode.INVALID_EVIDENCE,
+                f"evidence must be between 0 and {self.settings.max_top_k}, got {request.evidence}",
+            )
+        return CheckedClassify(request.images, request.top_k, request.method, request.abstain, request.evidence)
 
     def method_name(self, name: str, *, allow_auto: bool) -> str:
         valid = (AUTO, *self.methods) if allow_auto else self.methods

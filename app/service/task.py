@@ -7,14 +7,17 @@ the reference sees one version whole, never a mix.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from app import thumbnails
 from app.encoder import ClassPrompts
+from app.fewshot import shot_keys
 from cache_models import CacheMethod
+from cache_models.evidence import nearest_shots
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -36,6 +39,15 @@ class MethodFit:
     abstain_threshold: float | None
     n_scored: int
     fallback: str | None
+    # Leave-one-out's scored rows: true and predicted class (the confusion matrix; empty if none scored).
+    loo_labels: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    loo_predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def confusion(self, n_classes: int) -> IntArray:
+        """[N, N]: [i, j] scored shots of class i that leave-one-out classified as j."""
+        out = np.zeros((n_classes, n_classes), dtype=np.int64)
+        np.add.at(out, (self.loo_labels, self.loo_predicted), 1)
+        return out
 
     @property
     def name(self) -> str:
@@ -67,6 +79,7 @@ class Prediction:
     top_k: list[tuple[str, float]]
     method: str
     reason: str | None = None
+    evidence: list[tuple[int, str, float]] | None = None  # (shot, its class, cosine), nearest first
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,19 @@ class Task:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays this task holds (what a memory budget counts)."""
-        return int(self.shot_features.nbytes + self.text.nbytes + self.shot_labels.nbytes + self.shot_seeds.nbytes)
+        arrays = (self.shot_features, self.text, self.shot_labels, self.shot_seeds, self.thumbnail_data)
+        return int(sum(a.nbytes for a in arrays))
+
+    # One small JPEG per shot (app.thumbnails' pack); empty for tasks stored before thumbnails existed.
+    thumbnail_data: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
+    thumbnail_offsets: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    def thumbnail(self, shot: int) -> bytes | None:
+        return thumbnails.thumbnail(self.thumbnail_data, self.thumbnail_offsets, shot)
+
+    def shot_keys(self) -> FloatArray:
+        """One unit vector per shot: its views' mean direction."""
+        return shot_keys(self.shot_features, int(self.shot_labels.shape[0]), self.views)
 
     @property
     def class_names(self) -> list[str]:
@@ -106,9 +131,19 @@ class Task:
     def shot_counts(self) -> list[int]:
         return np.bincount(self.shot_labels, minlength=len(self.classes)).astype(int).tolist()  # type: ignore[no-any-return]
 
-    def classify(self, features: FloatArray, *, method: str | None, top_k: int, abstain: bool) -> list[Prediction]:
+    def classify(
+        self, features: FloatArray, *, method: str | None, top_k: int, abstain: bool, evidence: int = 0
+    ) -> list[Prediction]:
         """Calibrated top-k per query row. CPU work (cache math, softmax): call it from a worker thread."""
         fit = self.fits[method or self.method]
+        near: list[list[tuple[int, str, float]] | None] = [None] * features.shape[0]
+        if evidence > 0:
+            index, cosine = nearest_shots(features, self.shot_keys(), evidence)
+            names_of = self.class_names
+            near = [
+                [(int(s), names_of[int(self.shot_labels[s])], float(c)) for s, c in zip(ids, cos, strict=True)]
+                for ids, cos in zip(index, cosine, strict=True)
+            ]
         logits = fit.method.predict(features).astype(np.float64) / fit.temperature
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
@@ -117,7 +152,7 @@ class Task:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         names = self.class_names
         out = []
-        for row, idx in zip(probs, order, strict=True):
+        for row, idx, shots in zip(probs, order, near, strict=True):
             ranked = [(names[i], float(row[i])) for i in idx]
             label: str | None = ranked[0][0]
             reason = None
@@ -133,5 +168,5 @@ class Task:
                         f"top probability {ranked[0][1]:.3f} is below the task's threshold "
                         f"{fit.abstain_threshold:.3f} (what 95% of correctly classified shots reached)"
                     )
-            out.append(Prediction(label, ranked, fit.name, reason))
+            out.append(Prediction(label, ranked, fit.name, reason, shots))
         return out

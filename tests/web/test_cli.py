@@ -1,0 +1,83 @@
+"""`shotcache task ...` and `shotcache classify` (api.cli) against a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.cli import main
+from tests.conftest import REPO
+
+from .conftest import ALICE_KEY, CLASSES, SHOTS, Server, images
+
+
+def run(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_task_commands(open_server: Server, shot_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = ("--url", open_server.url)
+    code, out, err = run(
+        "task", "create", "--from-folder", str(shot_folder), "--name", "cli", "--json", *url, capsys=capsys
+    )
+    assert code == 0, err
+    task = json.loads(out)
+    assert {c["name"]: c["shots"] for c in task["classes"]} == dict.fromkeys(CLASSES, SHOTS)
+    assert "uploading" in err  # the tqdm bars go to stderr
+    assert "encoding shots" in err
+
+    code, out, _ = run("task", "list", *url, capsys=capsys)
+    assert code == 0
+    header, _, *rows = out.splitlines()
+    assert header.split() == ["id", "name", "classes", "shots", "method", "loo", "version"]
+    assert [r.split()[:4] for r in rows] == [[task["id"], "cli", str(len(CLASSES)), str(len(CLASSES) * SHOTS)]]
+
+    code, out, _ = run("task", "show", task["id"], *url, capsys=capsys)
+    assert code == 0
+    assert f"task {task['id']} (cli), version 1" in out
+    assert f"method {task['method']}" in out
+    for name in CLASSES:
+        assert any(line.split()[:2] == [name, str(SHOTS)] for line in out.splitlines()), out
+
+    probes = [p for ps in images("test", 1).values() for p in ps]
+    code, out, _ = run("classify", task["id"], *map(str, probes), "--json", "--top-k", "2", *url, capsys=capsys)
+    assert code == 0
+    answer = json.loads(out)
+    assert [r["filename"] for r in answer["results"]] == [p.name for p in probes]
+    code, out, _ = run("classify", task["id"], *map(str, probes), "--quiet", *url, capsys=capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["image", "label", "probability", "next"]
+    assert [line.split()[:2] for line in lines[2:]] == [[r["filename"], r["label"]] for r in answer["results"]]
+
+    code, out, _ = run("task", "delete", task["id"], *url, capsys=capsys)
+    assert (code, out.strip()) == (0, f"deleted {task['id']}")
+    code, _, err = run("task", "show", task["id"], *url, capsys=capsys)
+    assert code == 1
+    assert err.strip() == f"error (task_not_found): task {task['id']} not found"
+
+
+def test_console_script_reads_url_and_key_from_the_environment(keyed_server: Server) -> None:
+    """`python -m api.cli` (the `shotcache` script's module) with SHOTCACHE_URL and SHOTCACHE_API_KEY."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
+    env.update(PYTHONPATH=str(REPO), SHOTCACHE_URL=keyed_server.url)
+    command = [sys.executable, "-m", "api.cli", "task", "list"]
+    refused = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error (unauthorized):"), refused.stderr
+    env["SHOTCACHE_API_KEY"] = ALICE_KEY
+    listed = subprocess.run([*command, "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == {"tasks": [], "building": []}
+    # The service's own commands are still there.
+    helped = subprocess.run(
+        [sys.executable, "-m", "api.cli", "--help"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert all(word in helped.stdout for word in ("serve", "eval", "bench", "task", "classify"))
