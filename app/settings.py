@@ -43,6 +43,13 @@ class Settings(BaseSettings):
 
     # --- storage -----------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Tasks, the stand-in model and exported backends live here.")
+    store: SecretStr | None = Field(
+        None,
+        description="Where tasks live. Unset: `<data dir>/tasks` on the local disk (one process). A `postgresql://` "
+        "URL (libpq syntax, e.g. `postgresql://user@db/shotcache` or `postgresql:///shotcache?host=/socket/dir&port="
+        "5432`): one PostgreSQL database shared by every replica (needs the `postgres` extra). The password may be in "
+        "the URL or libpq's environment (`PGPASSWORD`, `~/.pgpass`); it never appears in logs, `/v1/info` or errors.",
+    )
 
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `shotcache serve` binds.")
@@ -96,6 +103,8 @@ def settings_table() -> str:
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:
             default = "CPU count" if name == "threads" else "(none)"
+        elif field.default is None:
+            default = "(none)"
         else:
             default = str(field.default)
         lines.append(f"| `SHOTCACHE_{name.upper()}` | `{default}` | {field.description} |")
