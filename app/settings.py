@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         "5432`): one PostgreSQL database shared by every replica (needs the `postgres` extra). The password may be in "
         "the URL or libpq's environment (`PGPASSWORD`, `~/.pgpass`); it never appears in logs, `/v1/info` or errors.",
     )
+    task_cache_mb: float = Field(
+        1024,
+        gt=0,
+        description="Memory budget for this process's loaded tasks (MB): past it the least recently used are "
+        "unloaded, and loaded again from the store when next asked for.",
+    )
 
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `shotcache serve` binds.")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-REPLICA_TITLE = "ServeReplica:shotcache:shotcache"
+REPLICA_TITLE = "ServeReplica:shotcache:shotcache-replica"
 
 
 def replica_pids() -> list[int]:
@@ -48,9 +48,9 @@ def running_replicas() -> int:
     from ray import serve
 
     status = serve.status().applications.get("shotcache")
-    if status is None or "shotcache" not in status.deployments:
+    if status is None or "shotcache-replica" not in status.deployments:
         return 0
-    deployment = status.deployments["shotcache"]
+    deployment = status.deployments["shotcache-replica"]
     return int(deployment.replica_states.get("RUNNING", 0))
 
 
@@ -67,16 +67,16 @@ def main(store_url: str, data_dir: str, port: int) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from app.ray_serve import DEPLOYMENT, app_builder, replica_env
+    from app.ray_serve import INGRESS, app_builder, replica_env
 
     os.environ.update({"SHOTCACHE_STORE": store_url, "SHOTCACHE_MODEL": "offline", "SHOTCACHE_THREADS": "1"})
     os.environ["SHOTCACHE_DATA_DIR"] = data_dir
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # 1 per replica; the ingress takes 0
     result: dict[str, Any] = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app_builder({"replicas": 2, "env": replica_env()}), name=DEPLOYMENT, route_prefix="/", blocking=False)
-        result["ready_s"] = wait_for(lambda: running_replicas() == 2, 600, "2 replicas running")
+        serve.run(app_builder({"replicas": 2, "env": replica_env()}), name=INGRESS, route_prefix="/", blocking=False)
+        result["ready_s"] = wait_for(lambda: running_replicas() == 2, 300, "2 replicas running")
         base = f"http://127.0.0.1:{port}"
         root = Path(os.environ["SHOTCACHE_TEST_IMAGES"])
         shots = [img for name in ("airplane", "bird", "cat") for img in sorted((root / name).glob("*.jpg"))[:3]]
