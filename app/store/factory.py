@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from app.settings import Settings
 from app.store.base import TaskStore
+from app.store.builds import BuildBoard, MemoryBuildBoard
 from app.store.local import LocalDirStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -47,3 +48,16 @@ def describe_store(store: TaskStore) -> str:
     if isinstance(store, LocalDirStore):
         return f"local directory {store.root}"
     return type(store).__name__
+
+
+def build_board(store: TaskStore) -> BuildBoard:
+    """Where background builds report progress: the store's own board if it is shared, else memory."""
+    board = getattr(store, "builds", None)
+    return board if board is not None else MemoryBuildBoard()
+
+
+def ping(store: TaskStore) -> None:
+    """StoreUnavailable if a shared store does not answer now (a local directory always does)."""
+    check = getattr(store, "ping", None)
+    if check is not None:
+        check()

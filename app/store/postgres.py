@@ -36,6 +36,7 @@ from urllib.parse import quote
 import numpy as np
 import numpy.typing as npt
 import psycopg
+import psycopg.types.json
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
@@ -49,6 +50,7 @@ from app.store.base import (
     check_id,
     encode_meta,
 )
+from app.store.builds import BuildBoard, BuildRecord
 from app.store.postgres_schema import migrate
 
 logger = logging.getLogger(__name__)
@@ -97,7 +99,12 @@ class PostgresStore(TaskStore):
             name="shotcache-store",
             open=True,
         )
+        self.builds = PostgresBuildBoard(self)
         logger.info("task store: %s", self.description)
+
+    def ping(self) -> None:
+        """One round trip to the database; StoreUnavailable if it does not answer (readiness)."""
+        self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     def close(self) -> None:
         self._pool.close()
@@ -273,6 +280,68 @@ class PostgresStore(TaskStore):
         for secret in self._secrets:
             message = message.replace(secret, "***")
         return message
+
+
+class PostgresBuildBoard(BuildBoard):
+    """Background builds' progress in `shotcache_build`, on the database's clock (replicas' may differ)."""
+
+    _COLUMNS = "tenant, task_id, total, done, state, error, started_at, extract(epoch FROM heartbeat_at), " + (
+        "extract(epoch FROM now())"
+    )
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def put(self, record: BuildRecord) -> None:
+        with self._store._connection() as conn:
+            conn.execute(
+                "INSERT INTO shotcache_build (tenant, task_id, total, done, state, error, started_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, task_id) DO UPDATE SET"
+                " total = EXCLUDED.total, done = EXCLUDED.done, state = EXCLUDED.state, error = EXCLUDED.error,"
+                " heartbeat_at = now()",
+                (
+                    check_id(record.tenant, "tenant"),
+                    check_id(record.task_id, "task id"),
+                    record.total,
+                    record.done,
+                    record.state,
+                    psycopg.types.json.Jsonb(record.error) if record.error is not None else None,
+                    record.started_at,
+                ),
+            )
+
+    def get(self, tenant: str, task_id: str) -> BuildRecord | None:
+        key = (check_id(tenant, "tenant"), check_id(task_id, "task id"))
+        query = f"SELECT {self._COLUMNS} FROM shotcache_build WHERE tenant = %s AND task_id = %s"
+        row = self._store._read(lambda conn: conn.execute(query.encode(), key).fetchone())
+        return None if row is None else _build_record(row)
+
+    def list(self, tenant: str) -> list[BuildRecord]:
+        query = f"SELECT {self._COLUMNS} FROM shotcache_build WHERE tenant = %s ORDER BY started_at"
+        rows = self._store._read(lambda conn: conn.execute(query.encode(), (check_id(tenant, "tenant"),)).fetchall())
+        return [_build_record(row) for row in rows]
+
+    def remove(self, tenant: str, task_id: str) -> None:
+        with self._store._connection() as conn:
+            conn.execute(
+                "DELETE FROM shotcache_build WHERE tenant = %s AND task_id = %s",
+                (check_id(tenant, "tenant"), check_id(task_id, "task id")),
+            )
+
+
+def _build_record(row: Sequence[Any]) -> BuildRecord:
+    tenant, task_id, total, done, state, error, started_at, heartbeat_at, now = row
+    record = BuildRecord(
+        str(tenant),
+        str(task_id),
+        int(total),
+        int(done),
+        state,
+        error,
+        float(started_at),
+        float(heartbeat_at),
+    )
+    return record.as_seen(now=float(now))
 
 
 class _StoredArray:

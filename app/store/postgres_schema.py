@@ -8,6 +8,7 @@ Tables (every key starts with the tenant, so one tenant's rows can never answer 
     shotcache_array       (tenant, task_id, version, position)   one array of a version: name, dtype,
                                                              shape, byte count and the sha256 of its bytes
     shotcache_blob        (tenant, task_id, sha256)          the bytes, content-addressed within a task
+    shotcache_build       (tenant, task_id)                  a background build's progress (app/store/builds.py)
 
 The blob table is the one part an object store could take over: a blob's key is
 `<tenant>/<task_id>/<sha256>` (see `blob_key`) and every array row carries the sha256 that a load
@@ -84,6 +85,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOREIGN KEY (tenant, task_id, sha256) REFERENCES shotcache_blob DEFERRABLE INITIALLY DEFERRED
         );
         CREATE INDEX shotcache_array_blob ON shotcache_array (tenant, task_id, sha256);
+        """,
+    ),
+    Migration(
+        2,
+        "background builds' progress, readable by every replica",
+        """
+        CREATE TABLE shotcache_build (
+            tenant       text             NOT NULL,
+            task_id      text             NOT NULL,
+            total        integer          NOT NULL,
+            done         integer          NOT NULL,
+            state        text             NOT NULL CHECK (state IN ('building', 'failed')),
+            error        jsonb,
+            started_at   double precision NOT NULL,
+            heartbeat_at timestamptz      NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, task_id)
+        );
         """,
     ),
 )
