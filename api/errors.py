@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.service.errors import Busy, ServiceError
+from app.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status == 401:  # RFC 9110: a 401 names the scheme the client should use
             headers = {"WWW-Authenticate": 'Bearer realm="shotcache"'}
         return error_response(exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        # Transient, and the client's request was fine: 503 with a retry hint; the message names the
+        # store without credentials (the store guarantees that).
+        return error_response(503, "store_unavailable", str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

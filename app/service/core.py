@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ from app.encoder import Encoder
 from app.encoder.factory import ModelDefaults
 from app.images import ImageLimits
 from app.settings import Settings
-from app.store import DamagedTask, TaskStore
+from app.store import DamagedTask, DamagedTaskError, TaskStore, VersionConflict
+from app.store.base import StoreUnavailable
+from app.store.builds import BuildRecord, ProgressReporter
+from app.store.factory import build_board, describe_store, ping
 from cache_models import METHODS
 
 from . import metrics
@@ -59,6 +63,24 @@ class BuildStatus:
     started_at: float = 0.0
 
 
+def _status_of(record: BuildRecord) -> BuildStatus:
+    error = dict(record.error) if record.error else None
+    # A lost build (its replica died) is the service's trouble, not the request's: 503, retry.
+    error_status = int(error.pop("status", 503 if error.get("code") == "build_lost" else 500)) if error else None
+    return BuildStatus(
+        record.tenant, record.task_id, record.total, record.done, record.state, error, error_status, record.started_at
+    )
+
+
+# What a loaded task holds in RAM, as a multiple of its shot features + class text (issue 11 measured
+# ~26x with every method fitted; this is what the task cache budget counts, until the core records it).
+_RESIDENT_FACTOR = 26
+
+
+def _resident_bytes(task: Task) -> int:
+    return _RESIDENT_FACTOR * (task.shot_features.nbytes + task.text.nbytes)
+
+
 class TaskService:
     def __init__(self, settings: Settings, encoder: Encoder, store: TaskStore, *, fallback: str | None) -> None:
         self.settings = settings
@@ -81,9 +103,16 @@ class TaskService:
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="shotcache-cpu")
         self.build_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="shotcache-build")
         self.builder = TaskBuilder(settings, encoder, self.queue, self.limits, self.default_method)
-        self._tasks: dict[tuple[str, str], Task] = {}
+        # Loaded tasks, least recently used first, bounded by SHOTCACHE_TASK_CACHE_MB: the store is the
+        # truth; a task not here is loaded from it on demand. With a shared store (PostgreSQL) every
+        # request checks the live version there first (one indexed lookup), so an update acknowledged
+        # by any replica is what the next request anywhere sees.
+        self._tasks: OrderedDict[tuple[str, str], Task] = OrderedDict()
+        self._task_bytes: dict[tuple[str, str], int] = {}
+        self._cache_budget = int(settings.task_cache_mb * 2**20)
+        self.shared_store = bool(getattr(store, "shared", False))
+        self.build_board = build_board(store)
         self._foreign: dict[tuple[str, str], str] = {}  # tasks built with another model: their model id
-        self._builds: dict[tuple[str, str], BuildStatus] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._registry_lock = threading.Lock()
         self._pending_builds = 0  # creates / shot additions admitted and not finished (bounded: 429 past it)
@@ -103,7 +132,11 @@ class TaskService:
         self.build_executor.shutdown(wait=True, cancel_futures=True)
 
     def restore(self) -> None:
-        """Load every stored task; damaged ones are reported and skipped, never fatal."""
+        """Load every stored task; damaged ones are reported and skipped, never fatal. A shared store's
+        tasks are loaded on demand instead (other replicas keep adding them)."""
+        if self.shared_store:
+            log.info("tasks are loaded from the shared store on demand")
+            return
         snapshots, damaged = self.store.load_all()
         self.damaged = list(damaged)
         for item in damaged:
@@ -117,7 +150,7 @@ class TaskService:
                 log.warning("task %s/%s was built with %s, not %s: kept, not served", *key, stored_model, model_id)
                 continue
             try:
-                self._tasks[key] = from_snapshot(snapshot)
+                self._cache(from_snapshot(snapshot))
             except (ValueError, KeyError, TypeError) as exc:
                 self.damaged.append(DamagedTask(snapshot.tenant, snapshot.task_id, "store", f"unusable: {exc}"))
                 log.error("task %s/%s could not be rebuilt, skipped: %s", *key, exc)
@@ -136,7 +169,17 @@ class TaskService:
 
     def get_task(self, tenant: str, task_id: str) -> Task:
         key = (tenant, task_id)
-        task = self._tasks.get(key)
+        with self._registry_lock:
+            task = self._tasks.get(key)
+            if task is not None:
+                self._tasks.move_to_end(key)
+        if self.shared_store:
+            live = self.store.live_version(tenant, task_id)  # StoreUnavailable: the API answers 503
+            if live is None:
+                self._forget(key)
+                task = None
+            elif task is not None and task.version != live:
+                task = None  # another replica moved it on: reload
         if task is not None:
             return task
         if key in self._foreign:
@@ -145,26 +188,96 @@ class TaskService:
                 f"{self.encoder.identity.model_id}. Serve it with that model or rebuild it.",
                 code="model_mismatch",
             )
-        if key in self._builds:
-            build = self._builds[key]
+        build = self.build_board.get(tenant, task_id)
+        if build is not None and build.state == "building":
             raise Conflict(f"task {task_id} is still building ({build.done}/{build.total} images)", code="building")
+        loaded = self._load(tenant, task_id)
+        if loaded is not None:
+            return loaded
         raise NotFound(f"task {task_id} not found", code="task_not_found")
 
+    def _load(self, tenant: str, task_id: str) -> Task | None:
+        """The stored task, loaded into the cache; None if the store has none."""
+        try:
+            snapshot = self.store.load(tenant, task_id)
+        except DamagedTaskError as error:
+            log.error("task %s/%s is damaged: %s", tenant, task_id, error.damaged.reason)
+            raise Conflict(
+                f"task {task_id} is damaged in the store and cannot be served", code="task_damaged"
+            ) from None
+        if snapshot is None:
+            return None
+        stored_model = str(snapshot.meta.get("model_id"))
+        if stored_model != self.encoder.identity.model_id:
+            self._foreign[(tenant, task_id)] = stored_model
+            return self.get_task(tenant, task_id)  # raises model_mismatch
+        task = from_snapshot(snapshot)
+        self._cache(task)
+        return task
+
+    def _cache(self, task: Task) -> None:
+        """Keep `task` loaded (replacing an older version); unload the least recently used past the budget."""
+        key = (task.tenant, task.task_id)
+        with self._registry_lock:
+            current = self._tasks.get(key)
+            if current is not None and current.version > task.version:
+                return  # a newer version got here first
+            self._tasks[key] = task
+            self._tasks.move_to_end(key)
+            self._task_bytes[key] = _resident_bytes(task)
+            while len(self._tasks) > 1 and sum(self._task_bytes.values()) > self._cache_budget:
+                evicted, _ = self._tasks.popitem(last=False)
+                self._task_bytes.pop(evicted, None)
+            metrics.TASKS_STORED.set(len(self._tasks))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._registry_lock:
+            self._tasks.pop(key, None)
+            self._task_bytes.pop(key, None)
+            self._foreign.pop(key, None)
+            metrics.TASKS_STORED.set(len(self._tasks))
+
+    def store_problem(self) -> str | None:
+        """Why the store cannot serve right now (None: it can); for /readyz."""
+        try:
+            ping(self.store)
+        except StoreUnavailable as error:
+            return str(error)
+        return None
+
     def build_status(self, tenant: str, task_id: str) -> BuildStatus | None:
-        return self._builds.get((tenant, task_id))
+        record = self.build_board.get(tenant, task_id)
+        return None if record is None else _status_of(record)
 
     def list_tasks(self, tenant: str) -> list[Task]:
-        return sorted((t for (ten, _), t in self._tasks.items() if ten == tenant), key=lambda t: t.created_at)
+        if not self.shared_store:
+            with self._registry_lock:
+                tasks = [t for (ten, _), t in self._tasks.items() if ten == tenant]
+            return sorted(tasks, key=lambda t: t.created_at)
+        tasks = []
+        for _, task_id in self.store.list_ids(tenant):
+            try:
+                tasks.append(self.get_task(tenant, task_id))
+            except (NotFound, Conflict):  # deleted meanwhile, another model's, damaged: not listed
+                continue
+        return sorted(tasks, key=lambda t: t.created_at)
 
     def builds(self, tenant: str) -> list[BuildStatus]:
-        return [b for (ten, _), b in self._builds.items() if ten == tenant]
+        return [_status_of(r) for r in self.build_board.list(tenant)]
 
-    def create_task(self, tenant: str, request: CreateTaskRequest, *, task_id: str | None = None) -> Task:
+    def create_task(
+        self,
+        tenant: str,
+        request: CreateTaskRequest,
+        *,
+        task_id: str | None = None,
+        reporter: Progress | None = None,
+    ) -> Task:
         """Decode, encode, tune and persist a new task; returns it once it is durable."""
         labels = check_create(request, self.settings)
         task_id = task_id or uuid.uuid4().hex
         started = time.monotonic()
-        progress = self._progress_callback(tenant, task_id, len(request.images))
+        progress = self._progress_callback(tenant, task_id, len(request.images), reporter)
         task = self.builder.new_task(tenant, task_id, request, labels, progress)
         self._persist_and_publish(task)
         metrics.TASK_BUILD_SECONDS.observe(time.monotonic() - started)
@@ -203,37 +316,43 @@ class TaskService:
             self._release_build()
 
     def start_create(self, tenant: str, request: CreateTaskRequest) -> BuildStatus:
-        """Validate now, build in the background; progress via `build_status`."""
+        """Validate now, build in the background; progress via `build_status` (on any replica when the
+        store is shared: the record lives on the store's build board)."""
         check_create(request, self.settings)
         self._admit_build()
         task_id = uuid.uuid4().hex
-        status = BuildStatus(tenant, task_id, total=len(request.images), started_at=time.time())
-        self._builds[(tenant, task_id)] = status
+        record = BuildRecord(tenant, task_id, total=len(request.images), started_at=time.time())
+        try:
+            reporter = ProgressReporter(self.build_board, record).__enter__()
+        except BaseException:
+            self._release_build()
+            raise
 
         def run() -> None:
             try:
-                self.create_task(tenant, request, task_id=task_id)
-                del self._builds[(tenant, task_id)]
+                self.create_task(tenant, request, task_id=task_id, reporter=reporter)
+                reporter.__exit__(None, None, None)
+                self.build_board.remove(tenant, task_id)
             except ServiceError as exc:
-                status.error, status.error_status = {"code": exc.code, "message": exc.message}, exc.status
-                status.state = "failed"
+                reporter.fail(exc.code, exc.message, status=exc.status)
+                reporter.__exit__(None, None, None)
             except Exception as exc:  # reported through the status endpoint, and logged
                 log.exception("background build of %s/%s failed", tenant, task_id)
-                status.error, status.error_status = {"code": "internal_error", "message": str(exc)}, 500
-                status.state = "failed"
+                code = "store_unavailable" if isinstance(exc, StoreUnavailable) else "internal_error"
+                reporter.fail(code, str(exc), status=503 if code == "store_unavailable" else 500)
+                reporter.__exit__(None, None, None)
             finally:
                 self._release_build()
 
         self.build_executor.submit(run)
-        return status
+        return _status_of(record)
 
-    def _progress_callback(self, tenant: str, task_id: str, total: int) -> Progress:
+    def _progress_callback(self, tenant: str, task_id: str, total: int, reporter: Progress | None = None) -> Progress:
         last_log = [time.monotonic()]
 
         def report(done: int, _total: int) -> None:
-            status = self._builds.get((tenant, task_id))
-            if status is not None:
-                status.done = done
+            if reporter is not None:
+                reporter(done, total)
             if time.monotonic() - last_log[0] > 2.0 or done == total:
                 last_log[0] = time.monotonic()
                 log.info("task %s/%s: encoded %d/%d shots", tenant, task_id, done, total)
@@ -279,21 +398,29 @@ class TaskService:
     def delete_task(self, tenant: str, task_id: str) -> None:
         key = (tenant, task_id)
         with self._lock_for(key):
-            known = key in self._tasks or key in self._foreign
-            if not known and key not in self._builds:
-                raise NotFound(f"task {task_id} not found", code="task_not_found")
-            if key in self._builds and self._builds[key].state == "building":
+            build = self.build_board.get(tenant, task_id)
+            if build is not None and build.state == "building":
                 raise Conflict(f"task {task_id} is still building; delete it when it is ready", code="building")
-            self.store.delete(tenant, task_id)  # durable before we forget it
-            self._tasks.pop(key, None)
-            self._foreign.pop(key, None)
-            self._builds.pop(key, None)
-            metrics.TASKS_STORED.set(len(self._tasks))
+            existed = self.store.delete(tenant, task_id)  # durable before we forget it
+            with self._registry_lock:
+                known = key in self._tasks or key in self._foreign
+            self._forget(key)
+            if build is not None:
+                self.build_board.remove(tenant, task_id)
+            if not (existed or known or build is not None):
+                raise NotFound(f"task {task_id} not found", code="task_not_found")
 
     def _persist_and_publish(self, task: Task) -> None:
-        self.store.save(to_snapshot(task))  # durable first: a task is only acknowledged once on disk
-        self._tasks[(task.tenant, task.task_id)] = task
-        metrics.TASKS_STORED.set(len(self._tasks))
+        try:
+            self.store.save(to_snapshot(task))  # durable first: a task is only acknowledged once stored
+        except VersionConflict as conflict:
+            raise Conflict(
+                f"task {task.task_id} changed while this change was being built: version {conflict.live} is "
+                f"live now, this change was built on version {task.version - 1}; nothing was applied, "
+                "retry it",
+                code="version_conflict",
+            ) from None
+        self._cache(task)
 
     # ---- classify -----------------------------------------------------------------------------
     async def classify(
@@ -364,6 +491,7 @@ class TaskService:
                 "max_views": 32,
             },
             "tasks": len(self._tasks),
+            "store": describe_store(self.store),
             "damaged_tasks": [{"tenant": d.tenant, "task_id": d.task_id, "reason": d.reason} for d in self.damaged],
             "queue": {"pending_images": self.queue.pending_images, "capacity": self.settings.queue_size},
         }

@@ -114,9 +114,10 @@ class ProgressReporter:
         if due:
             self._write()
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: str, message: str, **details: Any) -> None:
         with self._lock:
-            self._record = replace(self._record, state="failed", error={"code": code, "message": message})
+            error = {"code": code, "message": message, **details}
+            self._record = replace(self._record, state="failed", error=error)
         self._write()
 
     def _write(self) -> None:

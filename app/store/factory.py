@@ -46,7 +46,7 @@ def describe_store(store: TaskStore) -> str:
     if isinstance(description, str):
         return description
     if isinstance(store, LocalDirStore):
-        return f"local directory {store.root}"
+        return "local directory"
     return type(store).__name__
 
 

@@ -18,7 +18,10 @@ missing blob, or meta that fails its checksum) is a DamagedTaskError. A damaged 
 
 Connection problems raise StoreUnavailable with a message that never holds the password; reads are
 retried once on a fresh connection (a database restart breaks every pooled connection), writes are
-not (a write whose commit was cut off may or may not have happened: the caller decides).
+not (a write whose commit was cut off may or may not have happened: the caller decides). When no
+connection can be had at all, the store marks itself down: calls fail at once (a 503 in
+milliseconds, not after a pool timeout) while a probe thread retries the database every 0.5 s and
+clears the mark when it answers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from math import prod
@@ -59,7 +63,8 @@ T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 _CONNECT_TIMEOUT_S = 5
-_POOL_TIMEOUT_S = 10.0
+_POOL_TIMEOUT_S = 5.0
+_PROBE_INTERVAL_S = 0.5
 _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
@@ -78,7 +83,12 @@ class PostgresStore(TaskStore):
         """Connect, migrate the schema, open the pool; StoreUnavailable (at once) if the database is
         unreachable. `timeout_s` bounds how long a call waits for a connection before StoreUnavailable."""
         self._secrets = _secrets_of(url)
+        self._url = url
         self.description = describe_url(url)
+        self.shared = True  # every replica on this database sees every task: check versions per request
+        self._outage: str | None = None  # set while the database is known down: calls fail at once
+        self._outage_lock = threading.Lock()
+        self._closed = threading.Event()
         connect_args: dict[str, Any] = {"connect_timeout": _CONNECT_TIMEOUT_S, "application_name": "shotcache"}
         try:
             with psycopg.connect(url, autocommit=True, **connect_args) as conn:
@@ -107,6 +117,7 @@ class PostgresStore(TaskStore):
         self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     def close(self) -> None:
+        self._closed.set()
         self._pool.close()
 
     # --- TaskStore --------------------------------------------------------------------------------
@@ -257,13 +268,39 @@ class PostgresStore(TaskStore):
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
+        outage = self._outage
+        if outage is not None:  # fail at once: a request must not wait out a pool timeout per call
+            raise StoreUnavailable(outage)
         try:
             with self._pool.connection() as conn:
                 yield conn
         except psycopg_pool.PoolTimeout as error:
-            raise StoreUnavailable(f"task store {self.description} is unavailable: {self._scrub(error)}") from None
+            raise StoreUnavailable(self._went_down(error)) from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as error:
             raise _ConnectionLost(f"task store {self.description} is unavailable: {self._scrub(error)}") from None
+
+    def _went_down(self, error: BaseException) -> str:
+        """Record an outage and start probing for the database's return; the message to raise."""
+        message = f"task store {self.description} is unavailable: {self._scrub(error)}"
+        with self._outage_lock:
+            if self._outage is None and not self._closed.is_set():
+                self._outage = message
+                logger.error("%s; failing requests at once until it answers again", message)
+                threading.Thread(target=self._probe, name="shotcache-store-probe", daemon=True).start()
+        return message
+
+    def _probe(self) -> None:
+        while not self._closed.wait(_PROBE_INTERVAL_S):
+            try:
+                with psycopg.connect(self._url, connect_timeout=_CONNECT_TIMEOUT_S, autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+            except _TRANSIENT:
+                continue
+            self._pool.check()  # replace the pool's dead connections now, not on each one's next use
+            with self._outage_lock:
+                self._outage = None
+            logger.info("task store %s answers again", self.description)
+            return
 
     def _read(self, read: Callable[[Connection], T]) -> T:
         """Run an idempotent read; once more if its connection broke (the database restarted under it)."""

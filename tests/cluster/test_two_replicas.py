@@ -17,10 +17,7 @@ from tests.conftest import dataset_dir
 from tests.reliability.server import request_failures
 from tests.stores.postgres_server import PostgresServer, new_schema_url
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(strict=True, reason="until the registry checks the store (issue 12, phase 2)"),
-]
+pytestmark = pytest.mark.slow
 
 BASE = ("airplane", "automobile", "bird")
 TOLERANCE = 1e-6
