@@ -7,33 +7,18 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.errors import AppError, ErrorCode
 from app.service import TaskService
-from app.service.errors import ServiceError
 
 from .auth import PUBLIC_TENANT, Caller, KeyRing
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` when SHOTCACHE_API_KEYS is set.")
 
 
-class Unauthorized(ServiceError):  # noqa: N818 (named after the HTTP answer)
-    status = 401
-    code = "unauthorized"
-
-
-class Forbidden(ServiceError):  # noqa: N818 (named after the HTTP answer)
-    status = 403
-    code = "forbidden"
-
-
-class NotReady(ServiceError):  # noqa: N818 (named after the HTTP answer)
-    status = 503
-    code = "not_ready"
-
-
 def get_service(request: Request) -> TaskService:
     service: TaskService | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
-        raise NotReady("the service is starting; retry shortly")
+        raise AppError(ErrorCode.NOT_READY, "the service is starting; retry shortly")
     return service
 
 
@@ -44,16 +29,16 @@ def get_caller(
     if keys.open:
         return Caller(PUBLIC_TENANT)
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        raise AppError(ErrorCode.UNAUTHORIZED, "missing API key: send `Authorization: Bearer <key>`")
     caller = keys.identify(credentials.credentials)
     if caller is None:
-        raise Unauthorized("unknown API key")
+        raise AppError(ErrorCode.UNAUTHORIZED, "unknown API key")
     return caller
 
 
 def get_admin(caller: Annotated[Caller, Depends(get_caller)], request: Request) -> Caller:
     if not caller.admin and not request.app.state.keys.open:
-        raise Forbidden("this route needs an admin key")
+        raise AppError(ErrorCode.FORBIDDEN, "this route needs an admin key")
     return caller
 
 

@@ -1,5 +1,9 @@
 """Every error leaves as JSON `{"error": {"code": str, "message": str}}` with a 4xx status; an
-unexpected exception is a 500 in the same shape (and a log line), never a stack trace."""
+unexpected exception is a 500 in the same shape (and a log line), never a stack trace.
+
+`STATUS` is the one table from domain error codes (app/errors.py) to HTTP statuses: app/ knows no
+statuses, and a test checks that every code has one here.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,71 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from app.service.errors import Busy, ServiceError
+from app.errors import AppError, Busy, ErrorCode
 from app.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+_C = ErrorCode
+STATUS: dict[ErrorCode, int] = {
+    **dict.fromkeys(
+        (
+            _C.INVALID_REQUEST,
+            _C.INVALID_JSON,
+            _C.NO_IMAGES,
+            _C.LABELS_MISMATCH,
+            _C.EMPTY_LABEL,
+            _C.LABEL_TOO_LONG,
+            _C.NAME_TOO_LONG,
+            _C.TOO_FEW_CLASSES,
+            _C.TOO_MANY_CLASSES,
+            _C.UNKNOWN_METHOD,
+            _C.INVALID_VIEWS,
+            _C.INVALID_TEMPLATES,
+            _C.INVALID_CLASSES,
+            _C.INVALID_CLASS_PROMPTS,
+            _C.UNKNOWN_CLASS_IN_CLASSES,
+            _C.CLASS_EXISTS,
+            _C.INVALID_HYPERPARAMS,
+            _C.HYPERPARAMS_WITHOUT_METHOD,
+            _C.INVALID_TOP_K,
+            _C.EMPTY_FILE,
+            _C.CORRUPT_IMAGE,
+            _C.IMAGE_TOO_SMALL,
+        ),
+        422,
+    ),
+    _C.UNSUPPORTED_FORMAT: 415,
+    **dict.fromkeys((_C.FILE_TOO_LARGE, _C.IMAGE_TOO_LARGE, _C.TOO_MANY_FILES, _C.REQUEST_TOO_LARGE), 413),
+    _C.TASK_NOT_FOUND: 404,
+    **dict.fromkeys((_C.BUILDING, _C.MODEL_MISMATCH, _C.VERSION_CONFLICT, _C.TASK_DAMAGED), 409),
+    _C.BUSY: 429,
+    **dict.fromkeys((_C.NOT_READY, _C.STORE_UNAVAILABLE, _C.SHUTTING_DOWN), 503),
+    _C.UNAUTHORIZED: 401,
+    _C.FORBIDDEN: 403,
+    _C.INTERNAL_ERROR: 500,
+}
+
+
+def status_of(code: ErrorCode) -> int:
+    return STATUS[code]
 
 
 def body_too_large_message(limit: int) -> str:
     return f"the request body exceeds the limit of {limit / 2**20:.3g} MB ({limit} bytes)"
 
 
-class BodyTooLarge(Exception):  # noqa: N818 (named after the HTTP answer)
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds {limit} bytes")
-        self.limit = limit
-
-
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def app_error_response(exc: AppError) -> JSONResponse:
+    headers = None
+    if isinstance(exc, Busy):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    elif exc.code == ErrorCode.UNAUTHORIZED:  # RFC 9110: a 401 names the scheme the client should use
+        headers = {"WWW-Authenticate": 'Bearer realm="shotcache"'}
+    return error_response(status_of(exc.code), exc.code, exc.message, headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -51,33 +102,26 @@ _HTTP_CODES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Busy) else None
-        if exc.status == 401:  # RFC 9110: a 401 names the scheme the client should use
-            headers = {"WWW-Authenticate": 'Bearer realm="shotcache"'}
-        return error_response(exc.status, exc.code, exc.message, headers)
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        return app_error_response(exc)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        # Transient, and the client's request was fine: 503 with a retry hint; the message names the
-        # store without credentials (the store guarantees that).
-        return error_response(503, "store_unavailable", str(exc), {"Retry-After": "1"})
+        # Transient and not the client's fault: 503 with a retry hint. The message names the store
+        # without credentials (the store guarantees that).
+        return error_response(503, ErrorCode.STORE_UNAVAILABLE, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_message(exc))
+        return error_response(422, ErrorCode.INVALID_REQUEST, _validation_message(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "request_too_large", body_too_large_message(exc.limit))
-
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; it has been logged")
+        return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error; it has been logged")

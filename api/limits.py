@@ -7,7 +7,13 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BodyTooLarge, body_too_large_message
+from app.errors import ErrorCode
+
+from .errors import body_too_large_message
+
+
+class _BodyTooLarge(Exception):  # noqa: N818 (the condition)
+    """Raised into the app by the receive wrapper; never leaves this middleware."""
 
 
 class BodySizeLimit:
@@ -34,7 +40,7 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     exceeded = True
-                    raise BodyTooLarge(self.max_bytes)
+                    raise _BodyTooLarge
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -47,14 +53,14 @@ class BodySizeLimit:
                 started = True
             await send(message)
 
-        with contextlib.suppress(BodyTooLarge):  # answered below
+        with contextlib.suppress(_BodyTooLarge):  # answered below
             await self.app(scope, limited, guarded_send)
         if exceeded and not started:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(
-            {"error": {"code": "request_too_large", "message": body_too_large_message(self.max_bytes)}}
+            {"error": {"code": ErrorCode.REQUEST_TOO_LARGE.value, "message": body_too_large_message(self.max_bytes)}}
         ).encode()
         await send(
             {

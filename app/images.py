@@ -1,9 +1,9 @@
 """The one place where untrusted bytes become a PIL image.
 
-Every uploaded file goes through `decode_image`, which refuses bad input with an `ImageError` that carries the
-HTTP status and a machine-readable code. Checks run cheapest first and all of them before any pixel is decoded:
-file size, then magic bytes (Pillow never guesses the format), then the dimensions in the header (and a JPEG's
-scan count). Only then is the image decoded (JPEGs at reduced scale when the caller allows it), its EXIF
+Every uploaded file goes through `decode_image`, which refuses bad input with an `ImageError` that carries a
+machine-readable code (api/errors.py maps it to a status). Checks run cheapest first and all of them before any
+pixel is decoded: file size, then magic bytes (Pillow never guesses the format), then the dimensions in the header
+(and a JPEG's scan count). Only then is the image decoded (JPEGs at reduced scale when the caller allows it), its EXIF
 orientation applied and its pixels converted to RGB.
 
 Thread safety: `decode_image` and `resize_center_crop` keep no state between calls; each call works on its own
@@ -18,10 +18,12 @@ import io
 import re
 import struct
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 from PIL import ExifTags, Image
+
+from app.errors import AppError, ErrorCode
 
 # Register exactly the decoders we use, once, at import. Otherwise the first TIFF or WebP upload would make Pillow
 # import all of its ~40 plugins lazily, inside a request.
@@ -42,9 +44,6 @@ MAX_EXACT_ASPECT: Final[int] = 8
 ALLOWED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _FORMAT_NAMES: Final = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF", "TIFF": "TIFF"}
 
-ImageErrorCode = Literal[
-    "file_too_large", "empty_file", "unsupported_format", "image_too_large", "image_too_small", "corrupt_image"
-]
 
 # Exceptions Pillow's decoders raise on malformed data (struct.error and IndexError from header parsers, EOFError
 # from short reads, ArithmeticError from nonsense header fields, Warning when warnings are errors, e.g. in pytest).
@@ -109,13 +108,11 @@ class ImageLimits:
 DEFAULT_LIMITS: Final = ImageLimits()
 
 
-class ImageError(ValueError):
+class ImageError(AppError, ValueError):
     """An upload that is not an acceptable image. `str(err)` is one line naming the problem (and the file)."""
 
-    def __init__(self, status: int, code: ImageErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code: ImageErrorCode = code
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -154,17 +151,17 @@ def decode_image(
 
     if len(data) > limits.max_file_bytes:
         raise ImageError(
-            413, "file_too_large", f"{prefix}file is {len(data):,} bytes; the limit is {limits.max_file_bytes:,} bytes"
+            ErrorCode.FILE_TOO_LARGE,
+            f"{prefix}file is {len(data):,} bytes; the limit is {limits.max_file_bytes:,} bytes",
         )
     if not data:
-        raise ImageError(422, "empty_file", f"{prefix}file is empty (0 bytes)")
+        raise ImageError(ErrorCode.EMPTY_FILE, f"{prefix}file is empty (0 bytes)")
     image_format = sniff_format(data)
     if image_format is None:
         looks_like = _guess_other_format(data)
         allowed = ", ".join(_FORMAT_NAMES[name] for name in ALLOWED_FORMATS)
         raise ImageError(
-            415,
-            "unsupported_format",
+            ErrorCode.UNSUPPORTED_FORMAT,
             f"{prefix}file is not an allowed image format{f' (it looks like {looks_like})' if looks_like else ''}; "
             f"allowed: {allowed}",
         )
@@ -184,10 +181,10 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Only reachable if someone re-enables Pillow's guard with a lower limit than ours.
-        raise ImageError(413, "image_too_large", f"{prefix}image has too many pixels ({exc})") from exc
+        raise ImageError(ErrorCode.IMAGE_TOO_LARGE, f"{prefix}image has too many pixels ({exc})") from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(
-            422, "corrupt_image", f"{prefix}{format_name} data is corrupt or truncated and cannot be decoded"
+            ErrorCode.CORRUPT_IMAGE, f"{prefix}{format_name} data is corrupt or truncated and cannot be decoded"
         ) from exc
 
 
@@ -239,8 +236,7 @@ def _decode(
     # Counting the marker anywhere over-counts only by chance occurrences in metadata (about one per 64 KB).
     if image_format == "JPEG" and (scans := data.count(b"\xff\xda")) > _MAX_JPEG_SCANS:
         raise ImageError(
-            422,
-            "corrupt_image",
+            ErrorCode.CORRUPT_IMAGE,
             f"{prefix}JPEG has {scans:,} scans; at most {_MAX_JPEG_SCANS} are decoded (encoders write fewer than 20)",
         )
     if image_format == "GIF":
@@ -264,15 +260,13 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits, prefix: str) -
     width, height = size
     if max(width, height) > limits.max_side or width * height > limits.max_pixels:
         raise ImageError(
-            413,
-            "image_too_large",
+            ErrorCode.IMAGE_TOO_LARGE,
             f"{prefix}image is {width}x{height} px; the limit is {limits.max_side} px per side "
             f"and {limits.max_pixels:,} px in total",
         )
     if min(width, height) < limits.min_side:
         raise ImageError(
-            422,
-            "image_too_small",
+            ErrorCode.IMAGE_TOO_SMALL,
             f"{prefix}image is {width}x{height} px; each side must be at least {limits.min_side} px",
         )
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
+MAX_VIEWS = 32  # augmented views per shot a task may ask for
 
 
 class Settings(BaseSettings):
@@ -38,8 +39,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Threads for torch, ONNX Runtime, FAISS and BLAS each (default: the CPU count).",
     )
-    batch_size: int = Field(32, ge=1, le=512, description="Images per encoder call.")
-    views: int = Field(1, ge=1, le=32, description="Default augmented views per support image.")
+    views: int = Field(1, ge=1, le=MAX_VIEWS, description="Default augmented views per support image.")
 
     # --- storage -----------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Tasks, the stand-in model and exported backends live here.")
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="Memory budget for this process's loaded tasks (MB): past it the least recently used are "
         "unloaded, and loaded again from the store when next asked for.",
     )
+    check_freshness: bool = Field(
+        False,
+        description="Before serving a task, ask the store whether its version moved (another replica wrote it) "
+        "and reload it if so. Always on with a PostgreSQL `SHOTCACHE_STORE`; off by default for the local store, which "
+        "only this process writes.",
+    )
 
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `shotcache serve` binds.")
@@ -69,7 +75,9 @@ class Settings(BaseSettings):
     )
 
     # --- work queue --------------------------------------------------------------------------
-    max_batch: int = Field(32, ge=1, le=512, description="Most images one batched encoder call takes.")
+    max_batch: int = Field(
+        32, ge=1, le=512, description="Images per encoder call (requests are micro-batched up to this many)."
+    )
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up.")
     queue_size: int = Field(256, ge=1, description="Images waiting for the encoder before requests get 429.")
     workers: int = Field(2, ge=1, le=64, description="Threads for CPU work outside the encoder.")

@@ -18,7 +18,8 @@ HyperValue = float | int
 DEFAULT_SCALE = 100.0
 # Queries scored at once by predict: bounds the [chunk, M] affinity (1024 x 16,000 floats = 64 MB).
 PREDICT_CHUNK = 1024
-_STATE_ARRAYS = ("keys", "labels", "text", "groups")
+# The arrays of a fitted method's support, always in its state (callers persisting many methods store them once).
+SUPPORT_ARRAYS = ("keys", "labels", "text", "groups")
 
 
 class CacheMethod(ABC):
@@ -249,11 +250,11 @@ class CacheMethod(ABC):
         instance constructed with the same `hyperparams`.
         """
         support = self._require_fitted()
-        state: dict[str, np.ndarray] = {name: getattr(support, name) for name in _STATE_ARRAYS}
+        state: dict[str, np.ndarray] = {name: getattr(support, name) for name in SUPPORT_ARRAYS}
         return {**state, **self._extra_state()}
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> Self:
-        missing = sorted(set(_STATE_ARRAYS) - set(state))
+        missing = sorted(set(SUPPORT_ARRAYS) - set(state))
         if missing:
             raise ValueError(f"{self.name}: state lacks {missing}")
         support = make_support(state["keys"], state["labels"], state["text"], state["groups"])

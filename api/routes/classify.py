@@ -6,10 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from app.service import ClassifyRequest
+
 from ..deps import CallerDep, ServiceDep
-from ..schemas import ClassifyOut, ImageResult, LabelProbability
+from ..schemas import ClassifyOut
 from .forms import read_uploads
 from .tasks import UPLOAD_ERRORS
+from .views import classify_out
 
 router = APIRouter(prefix="/v1/tasks", tags=["classify"])
 
@@ -26,24 +29,7 @@ async def classify(
         bool, Form(description="Answer label null when the top probability is below the task's threshold.")
     ] = False,
 ) -> ClassifyOut:
-    service.get_task(caller.tenant, task_id)  # 404/409 before reading the uploads
+    await service.get(caller.tenant, task_id)  # 404/409 before reading the uploads
     uploads = await read_uploads(images, service.limits.max_file_bytes)
-    task, predictions = await service.classify(
-        caller.tenant, task_id, uploads, top_k=top_k, method=method, abstain=abstain
-    )
-    return ClassifyOut(
-        task_id=task.task_id,
-        task_version=task.version,
-        model=task.model_id,
-        results=[
-            ImageResult(
-                filename=upload.filename,
-                label=p.label,
-                top_k=[LabelProbability(label=name, probability=prob) for name, prob in p.top_k],
-                method=p.method,
-                model=task.model_id,
-                reason=p.reason,
-            )
-            for upload, p in zip(uploads, predictions, strict=True)
-        ],
-    )
+    request = ClassifyRequest(uploads, top_k=top_k, method=method, abstain=abstain)
+    return classify_out(await service.classify(caller.tenant, task_id, request), uploads)

@@ -36,7 +36,7 @@ async def readyz(request: Request) -> Health | JSONResponse:
 async def info(service: ServiceDep, caller: CallerDep, request: Request) -> Info:
     """Model (and whether it is the offline stand-in), methods, limits, version."""
     data = service.info()
-    data["tasks"] = len(service.list_tasks(caller.tenant))
+    data["tasks"] = len((await service.list(caller.tenant)).tasks)
     if not caller.admin:
         data["damaged_tasks"] = [d for d in data["damaged_tasks"] if d["tenant"] == caller.tenant]
     return Info(**data, auth="open" if request.app.state.keys.open else "api-keys")
@@ -50,7 +50,7 @@ async def info(service: ServiceDep, caller: CallerDep, request: Request) -> Info
 )
 async def usage(service: ServiceDep, _: AdminDep) -> Usage:
     """Tasks and bytes stored per tenant (admin key)."""
-    return Usage(tenants=service.usage())
+    return Usage(tenants=await service.usage())
 
 
 @router.get(

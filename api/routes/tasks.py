@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 
-from app.service import CreateTaskRequest, ShotsRequest
+from app.service import AddShotsRequest, BuildStatus, CreateTaskRequest
 
 from ..deps import CallerDep, ServiceDep
+from ..errors import status_of
 from ..responses import errors
 from ..schemas import BuildOut, TaskList, TaskOut
-from .forms import parse_classes, parse_hyperparams, parse_templates, read_uploads
+from .forms import json_field, read_uploads
 from .views import build_out, task_out
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -65,30 +65,28 @@ async def create_task(
     request = CreateTaskRequest(
         images=await read_uploads(images, service.limits.max_file_bytes),
         labels=labels,
-        classes=parse_classes(classes),
+        classes=json_field("classes", classes),
         name=name,
         method=method,
         views=views,
-        templates=parse_templates(templates),
-        hyperparams=parse_hyperparams(hyperparams),
+        templates=json_field("templates", templates),
+        hyperparams=json_field("hyperparams", hyperparams),
+        wait=wait,
     )
-    if not wait:
-        build = service.start_create(caller.tenant, request)
+    created = await service.create(caller.tenant, request)
+    if isinstance(created, BuildStatus):
         return JSONResponse(
-            build_out(build).model_dump(),
+            build_out(created).model_dump(),
             status_code=status.HTTP_202_ACCEPTED,
-            headers={"Location": f"/v1/tasks/{build.task_id}"},
+            headers={"Location": f"/v1/tasks/{created.task_id}"},
         )
-    task = await service.run_build(service.create_task, caller.tenant, request)
-    return task_out(task)
+    return task_out(created)
 
 
 @router.get("", response_model=TaskList, responses=errors(401, 503))
 async def list_tasks(service: ServiceDep, caller: CallerDep) -> TaskList:
-    return TaskList(
-        tasks=[task_out(t) for t in service.list_tasks(caller.tenant)],
-        building=[build_out(b) for b in service.builds(caller.tenant)],
-    )
+    listing = await service.list(caller.tenant)
+    return TaskList(tasks=[task_out(t) for t in listing.tasks], building=[build_out(b) for b in listing.building])
 
 
 @router.get(
@@ -102,19 +100,20 @@ async def list_tasks(service: ServiceDep, caller: CallerDep) -> TaskList:
     },
 )
 async def get_task(service: ServiceDep, caller: CallerDep, task_id: str) -> TaskOut | JSONResponse:
-    build = service.build_status(caller.tenant, task_id)
+    build = await service.build_status(caller.tenant, task_id)
     if build is not None:
-        # Building: 202. Failed: the build's error status (e.g. 422 for a corrupt image), so a client
+        # Building: 202. Failed: the status of the build's error (e.g. 422 for a corrupt image), so a client
         # polling while 202 stops; the body carries the id, progress and `error: {code, message}`.
-        code = status.HTTP_202_ACCEPTED if build.state == "building" else build.error_status or 500
+        code = status.HTTP_202_ACCEPTED
+        if build.error_code is not None:
+            code = status_of(build.error_code)
         return JSONResponse(build_out(build).model_dump(), status_code=code)
-    return task_out(service.get_task(caller.tenant, task_id))
+    return task_out(await service.get(caller.tenant, task_id))
 
 
 @router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(401, 404, 409, 422, 503))
 async def delete_task(service: ServiceDep, caller: CallerDep, task_id: str) -> Response:
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(service.build_executor, service.delete_task, caller.tenant, task_id)
+    await service.delete(caller.tenant, task_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -127,11 +126,10 @@ async def add_shots(
     labels: LabelsField,
     classes: ClassesField = None,
 ) -> TaskOut:
-    service.get_task(caller.tenant, task_id)  # 404 before reading the uploads
-    request = ShotsRequest(
+    await service.get(caller.tenant, task_id)  # 404 before reading the uploads
+    request = AddShotsRequest(
         images=await read_uploads(images, service.limits.max_file_bytes),
         labels=labels,
-        classes=parse_classes(classes),
+        classes=json_field("classes", classes),
     )
-    task = await service.run_build(service.add_shots, caller.tenant, task_id, request)
-    return task_out(task)
+    return task_out(await service.add_shots(caller.tenant, task_id, request))

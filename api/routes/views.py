@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from app.service import BuildStatus, Task
+from collections.abc import Sequence
 
-from ..schemas import BuildOut, ClassOut, ErrorBody, MethodOut, TaskOut
+from app.service import BuildStatus, Classification, Task, UploadedImage
+
+from ..schemas import BuildOut, ClassifyOut, ClassOut, ErrorBody, ImageResult, LabelProbability, MethodOut, TaskOut
 
 
 def task_out(task: Task) -> TaskOut:
@@ -33,5 +35,27 @@ def task_out(task: Task) -> TaskOut:
 
 
 def build_out(status: BuildStatus) -> BuildOut:
-    error = ErrorBody(**status.error) if status.error else None
+    error = None
+    if status.error_code is not None:
+        error = ErrorBody(code=status.error_code, message=status.error_message or "")
     return BuildOut(id=status.task_id, status=status.state, done=status.done, total=status.total, error=error)
+
+
+def classify_out(answer: Classification, uploads: Sequence[UploadedImage]) -> ClassifyOut:
+    task = answer.task
+    return ClassifyOut(
+        task_id=task.task_id,
+        task_version=task.version,
+        model=task.model_id,
+        results=[
+            ImageResult(
+                filename=upload.filename,
+                label=p.label,
+                top_k=[LabelProbability(label=name, probability=prob) for name, prob in p.top_k],
+                method=p.method,
+                model=task.model_id,
+                reason=p.reason,
+            )
+            for upload, p in zip(uploads, answer.predictions, strict=True)
+        ],
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.encoder.encoder import Encoder
-from app.encoder.factory import ModelDefaults, make_towers
+from app.encoder.factory import encoder_for
 from app.encoder.load import LoadedModel, ModelSource, load_model
 from app.settings import Settings
 
@@ -138,16 +138,7 @@ def random_weights(name: str, data_dir: Path) -> Path:
 
 
 def make_encoder(loaded: LoadedModel, backend: str, config: BenchConfig) -> Encoder:
-    defaults = ModelDefaults.for_key(loaded.config_key)
-    image, text = make_towers(loaded, backend, config.settings(backend))
-    return Encoder(
-        loaded,
-        image,
-        text,
-        batch_size=max(config.batches),
-        templates=defaults.templates,
-        default_backend=defaults.default_backend,
-    )
+    return encoder_for(loaded, backend, config.settings(backend, max_batch=max(config.batches)))
 
 
 def model_label(loaded: LoadedModel) -> str:

@@ -7,8 +7,7 @@ concurrent calls and torch/ORT thread pools would oversubscribe the machine.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +36,6 @@ class Encoder:
         *,
         batch_size: int,
         templates: Sequence[str],
-        default_backend: str,
     ) -> None:
         self._loaded = loaded
         self._image_tower = image_tower
@@ -46,7 +44,6 @@ class Encoder:
         self._lock = threading.Lock()
         self.preprocessor = Preprocessor(loaded.preprocess)
         self.default_templates = list(templates)
-        self.default_backend = default_backend
 
     # ---- what it is ---------------------------------------------------------------------------
     @property
@@ -70,10 +67,6 @@ class Encoder:
         return self.preprocessor.size
 
     @property
-    def model(self) -> Any:
-        return self._loaded.model
-
-    @property
     def loaded(self) -> LoadedModel:
         return self._loaded
 
@@ -95,16 +88,6 @@ class Encoder:
             out[start : start + len(chunk)] = self.encode_pixels(self.preprocessor.eval_pixels(chunk))
         return out
 
-    def encode_views(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> FloatArray:
-        """[n * views, d]: each image's `views` augmented views (seeded per image), row i*views + v."""
-        out = np.empty((len(images) * views, self.dim), dtype=np.float32)
-        per_chunk = max(1, self._batch_size // views)
-        for start in range(0, len(images), per_chunk):
-            stop = min(start + per_chunk, len(images))
-            pixels = self.preprocessor.view_pixels(images[start:stop], views, seeds[start:stop])
-            out[start * views : stop * views] = self.encode_pixels(pixels)
-        return out
-
     # ---- text ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
         tokens = self._loaded.tokenizer(list(texts))
@@ -120,12 +103,20 @@ class Encoder:
                 out[start : start + len(chunk)] = self._text_tower(tokens)
         return l2_normalise(out)
 
-    def class_text_weights(self, classes: Sequence[ClassPrompts], templates: Sequence[str] | None = None) -> FloatArray:
-        """[N, d]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    def class_text_weights(
+        self,
+        classes: Sequence[ClassPrompts],
+        templates: Sequence[str] | None = None,
+        *,
+        encode_texts: Callable[[Sequence[str]], FloatArray] | None = None,
+    ) -> FloatArray:
+        """[N, d]: per class, the mean of its normalised prompt embeddings, re-normalised.
+
+        `encode_texts` replaces `self.encode_texts` (the service passes its encoder queue's text lane)."""
         chosen = self.default_templates if templates is None else list(templates)
         prompt_lists = [class_prompt_texts(cls, chosen) for cls in classes]
         flat = [p for prompts in prompt_lists for p in prompts]
-        embeddings = self.encode_texts(flat)
+        embeddings = (encode_texts or self.encode_texts)(flat)
         out = np.empty((len(classes), self.dim), dtype=np.float32)
         start = 0
         for i, prompts in enumerate(prompt_lists):

@@ -11,7 +11,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from app.settings import Settings
 
@@ -125,17 +124,17 @@ def create_encoder(settings: Settings) -> tuple[Encoder, str | None]:
     loaded, fallback = resolve_model(settings)
     defaults = ModelDefaults.for_key(loaded.config_key)
     backend = defaults.default_backend if settings.backend == "auto" else settings.backend
-    image_tower, text_tower = make_towers(loaded, backend, settings)
-    encoder = Encoder(
-        loaded,
-        image_tower,
-        text_tower,
-        batch_size=settings.batch_size,
-        templates=defaults.templates,
-        default_backend=defaults.default_backend,
-    )
+    encoder = encoder_for(loaded, backend, settings)
     warm_up(encoder)
     return encoder, fallback
+
+
+def encoder_for(loaded: LoadedModel, backend: str, settings: Settings) -> Encoder:
+    """An encoder of an already loaded model on `backend` (`shotcache bench` compares backends of one
+    load through this)."""
+    image_tower, text_tower = make_towers(loaded, backend, settings)
+    templates = ModelDefaults.for_key(loaded.config_key).templates
+    return Encoder(loaded, image_tower, text_tower, batch_size=settings.max_batch, templates=templates)
 
 
 def warm_up(encoder: Encoder) -> None:
@@ -145,7 +144,3 @@ def warm_up(encoder: Encoder) -> None:
     size = encoder.input_size
     encoder.encode_pixels(np.zeros((1, 3, size, size), dtype=np.float32))
     encoder.encode_texts(["warm-up"])
-
-
-def describe(encoder: Encoder) -> dict[str, Any]:
-    return {**encoder.identity.to_dict(), "backend": encoder.backend, "logit_scale": encoder.logit_scale}

@@ -19,6 +19,7 @@ from app.encoder import Encoder
 from app.encoder.prompts import ClassPrompts
 from app.fewshot import build_method, method_inputs
 from app.images import ImageLimits, decode_image
+from app.service.builder import encode_views
 from cache_models import METHODS, CacheMethod, get_method
 from cache_models.selection import pick_best
 
@@ -94,7 +95,9 @@ def encode_dataset(
         items = dataset.train[start : start + chunk]
         images = load_images([p for p, _ in items], side)
         seeds = [seed * 1_000_003 + start + i for i in range(len(items))]
-        train_views.append(encoder.encode_views(images, views, seeds))
+        train_views.append(
+            encode_views(encoder.encode_pixels, encoder.preprocessor, images, views, seeds, per_call=chunk)
+        )
         bar.update(len(items))
     test = []
     for start in range(0, len(dataset.test), chunk):

@@ -1,18 +1,20 @@
 """The service core: tasks, builds, the encoder queue, classification (called by the HTTP layer)."""
 
-from .core import BuildStatus, TaskService
-from .errors import ServiceError
-from .requests import ClassSpec, CreateTaskRequest, ShotsRequest, UploadedImage
+from .core import Classification, TaskListing, TaskService
+from .registry import BuildStatus, TaskRegistry
+from .requests import AddShotsRequest, ClassifyRequest, CreateTaskRequest, UploadedImage
 from .task import Prediction, Task
 
 __all__ = [
+    "AddShotsRequest",
     "BuildStatus",
-    "ClassSpec",
+    "Classification",
+    "ClassifyRequest",
     "CreateTaskRequest",
     "Prediction",
-    "ServiceError",
-    "ShotsRequest",
     "Task",
+    "TaskListing",
+    "TaskRegistry",
     "TaskService",
     "UploadedImage",
 ]

@@ -10,12 +10,10 @@ from app.fewshot import build_method
 from cache_models import METHODS, CacheMethod
 from cache_models.selection import pick_best
 
-from .errors import InvalidInput
+from .requests import AUTO
 from .task import FloatArray, IntArray, MethodFit, abstain_threshold
 
 log = logging.getLogger(__name__)
-
-AUTO = "auto"
 
 
 def method_fit(method: CacheMethod) -> MethodFit:
@@ -53,11 +51,10 @@ def fit_methods(
     return fits
 
 
-def choose_method(requested: str, fits: Mapping[str, MethodFit], default: str) -> str:
-    """`auto`: best leave-one-out score; a method name: that method; else the model's default."""
-    if requested == AUTO:
+def choose_method(target: str, fits: Mapping[str, MethodFit], default: str) -> str:
+    """`auto`: the best leave-one-out score (`pick_best`, the one selection rule); else `target`, which
+    request validation has checked is a method name."""
+    if target == AUTO:
         best = pick_best({name: fit.method.tune_report for name, fit in fits.items()})
         return best if best is not None else default
-    if requested not in fits:
-        raise InvalidInput(f"unknown method {requested!r}; valid: {AUTO}, {', '.join(fits)}", code="unknown_method")
-    return requested
+    return target

@@ -1,6 +1,6 @@
-"""Turning uploaded shots into a `Task`: decode, encode through the queue's bulk lane, class text
-weights, and every method tuned by leave-one-out. Pure construction: no registry, no store, no locks
-(the service core owns those)."""
+"""Turning checked shots into a `Task`: decode, encode through the queue's bulk and text lanes, and every
+method tuned by leave-one-out. Pure construction: no registry, no store, no locks, no validation (the
+request was checked once, in requests.py; the service core owns the rest)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ import numpy as np
 from PIL import Image
 
 from app.encoder import ClassPrompts, Encoder
+from app.encoder.preprocess import Pixels, Preprocessor
 from app.fewshot import build_method
-from app.images import ImageError, ImageLimits, decode_image
-from app.settings import Settings
+from app.images import ImageLimits, decode_image
 from cache_models import METHODS
 
 from .build import choose_method, fit_methods, method_fit
-from .errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from .queue import EncoderQueue
-from .requests import CreateTaskRequest, ShotsRequest, UploadedImage, class_info
-from .task import ClassInfo, FloatArray, Task
+from .requests import CheckedCreate, CheckedShots, UploadedImage
+from .task import FloatArray, Task
 
 Progress = Callable[[int, int], None]  # (shots encoded, shots in the request)
 
@@ -32,39 +31,54 @@ def shot_seed(task_id: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{task_id}:{index}".encode()).digest()[:8], "little") >> 1
 
 
+def encode_views(
+    encode: Callable[[Pixels], FloatArray],
+    preprocessor: Preprocessor,
+    images: Sequence[Image.Image],
+    views: int,
+    seeds: Sequence[int],
+    *,
+    per_call: int,
+    progress: Progress | None = None,
+) -> FloatArray:
+    """[len(images) * views, d]: each image's `views` augmented views (seeded per image), row i*views + v,
+    encoded by `encode` in calls of at most `per_call` images. The service and `shotcache eval` both
+    encode shots through this."""
+    per_chunk = max(1, per_call // views)
+    parts = []
+    for start in range(0, len(images), per_chunk):
+        stop = min(start + per_chunk, len(images))
+        parts.append(encode(preprocessor.view_pixels(images[start:stop], views, seeds[start:stop])))
+        if progress is not None:
+            progress(stop, len(images))
+    return np.concatenate(parts)
+
+
 class TaskBuilder:
     def __init__(
-        self, settings: Settings, encoder: Encoder, queue: EncoderQueue, limits: ImageLimits, default_method: str
+        self, encoder: Encoder, queue: EncoderQueue, limits: ImageLimits, *, max_batch: int, default_method: str
     ) -> None:
-        self.settings = settings
         self.encoder = encoder
         self.queue = queue
         self.limits = limits
+        self.max_batch = max_batch
         self.default_method = default_method
 
     def decode(self, images: Sequence[UploadedImage]) -> list[Image.Image]:
-        """Decode uploads; the first bad one fails the request with its status and name."""
-        out = []
+        """Decode uploads; the first bad one fails the request (an `ImageError` naming it)."""
         side = 2 * self.encoder.input_size  # JPEGs decode at reduced scale down to this (random crops zoom in)
-        for i, upload in enumerate(images):
-            name = upload.filename or f"image {i}"
-            try:
-                out.append(decode_image(upload.data, self.limits, filename=name, min_decode_side=side))
-            except ImageError as exc:
-                error_type = {413: PayloadTooLarge, 415: UnsupportedMedia}.get(exc.status, InvalidInput)
-                raise error_type(str(exc), code=exc.code) from None
-        return out
+        return [
+            decode_image(upload.data, self.limits, filename=upload.filename or f"image {i}", min_decode_side=side)
+            for i, upload in enumerate(images)
+        ]
 
-    def new_task(
-        self, tenant: str, task_id: str, request: CreateTaskRequest, labels: Sequence[str], progress: Progress
-    ) -> Task:
+    def new_task(self, tenant: str, task_id: str, request: CheckedCreate, progress: Progress) -> Task:
         images = self.decode(request.images)
-        names = list(dict.fromkeys(labels))  # class order: first appearance
-        classes = tuple(class_info(n, request.classes) for n in names)
-        templates = tuple(request.templates) if request.templates is not None else tuple(self.encoder.default_templates)
-        views = request.views or self.settings.views
+        classes = request.new_classes
+        names = [c.name for c in classes]
+        templates = request.templates if request.templates is not None else tuple(self.encoder.default_templates)
         seeds = [shot_seed(task_id, i) for i in range(len(images))]
-        features = self._encode_shots(images, views, seeds, progress)
+        features = self._encode_shots(images, request.views, seeds, progress)
         now = time.time()
         draft = Task(
             tenant=tenant,
@@ -75,76 +89,71 @@ class TaskBuilder:
             updated_at=now,
             model_id=self.encoder.identity.model_id,
             backend=self.encoder.backend,
-            views=views,
+            views=request.views,
             templates=templates,
             classes=classes,
             shot_features=features,
-            shot_labels=np.array([names.index(label) for label in labels], dtype=np.int64),
+            shot_labels=np.array([names.index(label) for label in request.labels], dtype=np.int64),
             shot_seeds=np.array(seeds, dtype=np.int64),
             text=self._text_weights(classes, templates),
             fits={},
             method="zero-shot",
-            method_requested=request.method or "default",
+            method_requested=request.method_requested,
         )
-        return self._fit(draft, hyperparams=request.hyperparams)
+        return self._fit(draft, target=request.target, hyperparams=request.hyperparams)
 
-    def with_shots(
-        self, old: Task, request: ShotsRequest, labels: Sequence[str], new_names: Sequence[str], progress: Progress
-    ) -> Task:
+    def with_shots(self, old: Task, request: CheckedShots, progress: Progress) -> Task:
         """The next version of `old`: its shots are kept as encoded, the new ones appended, re-tuned."""
         images = self.decode(request.images)
         first = int(old.shot_labels.shape[0])
         seeds = [shot_seed(old.task_id, first + i) for i in range(len(images))]
         features = self._encode_shots(images, old.views, seeds, progress)
-        new_classes = tuple(class_info(n, request.classes) for n in new_names)
-        all_names = old.class_names + list(new_names)
+        all_names = old.class_names + [c.name for c in request.new_classes]
         text = old.text
-        if new_classes:
-            text = np.concatenate([old.text, self._text_weights(new_classes, old.templates)])
+        if request.new_classes:
+            text = np.concatenate([old.text, self._text_weights(request.new_classes, old.templates)])
         draft = replace(
             old,
             version=old.version + 1,
             updated_at=time.time(),
-            classes=old.classes + new_classes,
+            classes=old.classes + request.new_classes,
             shot_features=np.concatenate([old.shot_features, features]),
-            shot_labels=np.concatenate([old.shot_labels, np.array([all_names.index(n) for n in labels], np.int64)]),
+            shot_labels=np.concatenate(
+                [old.shot_labels, np.array([all_names.index(n) for n in request.labels], np.int64)]
+            ),
             shot_seeds=np.concatenate([old.shot_seeds, np.array(seeds, dtype=np.int64)]),
             text=text,
             backend=self.encoder.backend,
         )
-        return self._fit(draft, hyperparams=None)
+        target = self.default_method if old.method_requested == "default" else old.method_requested
+        return self._fit(draft, target=target, hyperparams=None)
 
     def _encode_shots(
         self, images: Sequence[Image.Image], views: int, seeds: Sequence[int], progress: Progress
     ) -> FloatArray:
         """[len(images) * views, d] through the queue's bulk lane, chunk by chunk, reporting progress."""
-        per_chunk = max(1, self.settings.max_batch // views)
-        parts = []
-        for start in range(0, len(images), per_chunk):
-            stop = min(start + per_chunk, len(images))
-            pixels = self.encoder.preprocessor.view_pixels(images[start:stop], views, seeds[start:stop])
-            parts.append(self.queue.encode(pixels, bulk=True))
-            progress(stop, len(images))
-        return np.concatenate(parts)
+        return encode_views(
+            lambda pixels: self.queue.encode(pixels, bulk=True),
+            self.encoder.preprocessor,
+            images,
+            views,
+            seeds,
+            per_call=self.max_batch,
+            progress=progress,
+        )
 
-    def _text_weights(self, classes: Sequence[ClassInfo], templates: Sequence[str]) -> FloatArray:
-        prompts = [ClassPrompts(c.name, c.prompts, c.templates) for c in classes]
-        return self.encoder.class_text_weights(prompts, templates)
+    def _text_weights(self, classes: Sequence[ClassPrompts], templates: Sequence[str]) -> FloatArray:
+        return self.encoder.class_text_weights(classes, templates, encode_texts=self.queue.encode_texts)
 
-    def _fit(self, task: Task, *, hyperparams: Mapping[str, float] | None) -> Task:
-        """Tune every method on the task's shots (the requested one fitted at `hyperparams` if given)
-        and choose the one classify uses."""
-        requested = task.method_requested
+    def _fit(self, task: Task, *, target: str, hyperparams: Mapping[str, float] | None) -> Task:
+        """Tune every method on the task's shots (`target` fitted at `hyperparams` if given) and choose
+        the one classify uses."""
         scale = self.encoder.logit_scale
         args = (task.shot_features, task.shot_labels, task.text, task.views)
         if hyperparams is not None:
-            try:
-                fixed = build_method(requested, *args, scale=scale, hyperparams=dict(hyperparams))
-            except ValueError as exc:
-                raise InvalidInput(str(exc), code="invalid_hyperparams") from None
-            fits = fit_methods(*args, scale=scale, methods=[m for m in METHODS if m != requested])
-            fits[requested] = method_fit(fixed)
+            fixed = build_method(target, *args, scale=scale, hyperparams=dict(hyperparams))
+            fits = fit_methods(*args, scale=scale, methods=[m for m in METHODS if m != target])
+            fits[target] = method_fit(fixed)
         else:
             fits = fit_methods(*args, scale=scale)
-        target = self.default_method if requested == "default" else requested
         return replace(task, fits=fits, method=choose_method(target, fits, self.default_method))

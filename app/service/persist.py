@@ -10,14 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from app.encoder import ClassPrompts
 from app.fewshot import method_inputs
 from app.store import TaskSnapshot
 from cache_models import get_method
+from cache_models.base import SUPPORT_ARRAYS
 
-from .task import ClassInfo, MethodFit, Task
+from .task import MethodFit, Task
 
 SCHEMA = 1
-SUPPORT_ARRAYS = frozenset({"keys", "labels", "text", "groups"})
 
 
 def to_snapshot(task: Task) -> TaskSnapshot:
@@ -54,7 +55,6 @@ def to_snapshot(task: Task) -> TaskSnapshot:
         "method": task.method,
         "method_requested": task.method_requested,
         "methods": methods_meta,
-        "extra": dict(task.extra),
     }
     return TaskSnapshot(task.tenant, task.task_id, task.version, meta, arrays)
 
@@ -100,7 +100,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         backend=str(meta["backend"]),
         views=views,
         templates=tuple(meta["templates"]),
-        classes=tuple(ClassInfo(c["name"], tuple(c["prompts"]), bool(c["templates"])) for c in meta["classes"]),
+        classes=tuple(ClassPrompts(c["name"], tuple(c["prompts"]), bool(c["templates"])) for c in meta["classes"]),
         shot_features=features,
         shot_labels=labels,
         shot_seeds=np.asarray(arrays["shot_seeds"], dtype=np.int64),
@@ -108,5 +108,4 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         fits=fits,
         method=str(meta["method"]),
         method_requested=str(meta["method_requested"]),
-        extra=dict(meta.get("extra", {})),
     )

@@ -4,10 +4,11 @@ One worker thread owns the encoder. It takes the first waiting job, then keeps c
 to `max_wait_ms` or until `max_batch` images are gathered, encodes them in one call and hands each job
 its rows. It only waits while a job is on its way: callers `announce` a job before preparing its pixels
 (decoding), so a lone request is encoded at once instead of idling `max_wait_ms` (measured: 5 ms of a
-15 ms request with the stand-in), while concurrent requests still share a batch. Interactive jobs
-(classify) always go before bulk jobs (task builds), so a big build slows classify down by at most one
-batch. The interactive queue is bounded by images waiting; past it,
-`submit` raises `Busy` with a Retry-After estimated from the measured throughput.
+15 ms request with the stand-in), while concurrent requests still share a batch.
+
+Three lanes, served in this order: `interactive` (classify images), `text` (class prompts of a task
+being built), `bulk` (shot images of a task being built). So a big build slows classify down by at most
+one batch. The queue admits nothing itself: `Admission` (admission.py) decides what may enter.
 """
 
 from __future__ import annotations
@@ -16,40 +17,48 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from app.encoder import Encoder
 from app.encoder.preprocess import Pixels
+from app.errors import AppError, ErrorCode
 
 from . import metrics
-from .errors import Busy
 from .task import FloatArray
 
 log = logging.getLogger(__name__)
 
+Lane = Literal["interactive", "text", "bulk"]
+LANES: tuple[Lane, ...] = ("interactive", "text", "bulk")
+
 
 @dataclass
 class _Job:
-    pixels: Pixels
+    lane: Lane
+    pixels: Pixels | None = None
+    texts: Sequence[str] = ()
     future: Future[FloatArray] = field(default_factory=Future)
 
     @property
     def size(self) -> int:
-        return int(self.pixels.shape[0])
+        return int(self.pixels.shape[0]) if self.pixels is not None else len(self.texts)
+
+
+def _shutting_down() -> AppError:
+    return AppError(ErrorCode.SHUTTING_DOWN, "the service is shutting down; retry on another replica or later")
 
 
 class EncoderQueue:
-    def __init__(self, encoder: Encoder, *, max_batch: int, max_wait_ms: float, capacity: int) -> None:
+    def __init__(self, encoder: Encoder, *, max_batch: int, max_wait_ms: float) -> None:
         self._encoder = encoder
         self._max_batch = max_batch
         self._max_wait = max_wait_ms / 1000.0
-        self._capacity = capacity
-        self._interactive: collections.deque[_Job] = collections.deque()
-        self._bulk: collections.deque[_Job] = collections.deque()
-        self._pending_images = 0
+        self._lanes: dict[Lane, collections.deque[_Job]] = {lane: collections.deque() for lane in LANES}
         self._announced = 0  # jobs being prepared (decoded) that will be submitted soon
         self._cond = threading.Condition()
         self._stopping = False
@@ -64,12 +73,14 @@ class EncoderQueue:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
-        for job in [*self._interactive, *self._bulk]:
-            job.future.set_exception(Busy("the service is shutting down", retry_after=5.0))
+        for lane in self._lanes.values():
+            for job in lane:
+                job.future.set_exception(_shutting_down())
 
     @property
-    def pending_images(self) -> int:
-        return self._pending_images
+    def images_per_second(self) -> float:
+        """Measured image throughput (moving average), for Retry-After estimates."""
+        return self._images_per_second
 
     def announce(self) -> None:
         """A job is being prepared: batches wait for it (up to `max_wait_ms`). Follow with
@@ -84,46 +95,58 @@ class EncoderQueue:
 
     def submit(self, pixels: Pixels, *, bulk: bool = False, announced: bool = False) -> Future[FloatArray]:
         """Queue `pixels` for encoding; the future resolves to their L2-normalised features."""
-        job = _Job(pixels)
-        with self._cond:
-            if announced:
-                self._announced = max(0, self._announced - 1)
-            if self._stopping:
-                raise Busy("the service is shutting down", retry_after=5.0)
-            if not bulk and self._pending_images + job.size > self._capacity:
-                retry = max(1.0, round(self._pending_images / max(self._images_per_second, 1e-3), 1))
-                metrics.QUEUE_REJECTED.inc()
-                raise Busy(
-                    f"the encoder queue is full ({self._pending_images} images waiting, capacity "
-                    f"{self._capacity}); retry in about {retry:.0f} s",
-                    retry_after=retry,
-                )
-            (self._bulk if bulk else self._interactive).append(job)
-            if not bulk:
-                self._pending_images += job.size
-            metrics.QUEUE_IMAGES.set(self._pending_images)
-            self._cond.notify()
-        return job.future
+        return self._put(_Job("bulk" if bulk else "interactive", pixels=pixels), announced=announced)
+
+    def submit_texts(self, texts: Sequence[str]) -> Future[FloatArray]:
+        """Queue prompts for the text tower (the text lane); resolves to L2-normalised features."""
+        return self._put(_Job("text", texts=list(texts)), announced=False)
 
     def encode(self, pixels: Pixels, *, bulk: bool = False) -> FloatArray:
         """Blocking form of `submit`, for worker threads."""
         return self.submit(pixels, bulk=bulk).result()
 
+    def encode_texts(self, texts: Sequence[str]) -> FloatArray:
+        """Blocking form of `submit_texts`, for worker threads."""
+        return self.submit_texts(texts).result()
+
+    def _put(self, job: _Job, *, announced: bool) -> Future[FloatArray]:
+        with self._cond:
+            if announced:
+                self._announced = max(0, self._announced - 1)
+            if self._stopping:
+                raise _shutting_down()
+            self._lanes[job.lane].append(job)
+            metrics.LANE_JOBS.labels(job.lane).inc()
+            self._set_gauges()
+            self._cond.notify()
+        return job.future
+
+    def _set_gauges(self) -> None:
+        for lane, jobs in self._lanes.items():
+            metrics.LANE_WAITING.labels(lane).set(sum(j.size for j in jobs))
+
     # ---- worker -------------------------------------------------------------------------------
     def _take_batch(self) -> list[_Job] | None:
+        """The next batch: interactive images (topped up with bulk ones when it started as bulk), or
+        one text job on its own."""
+        interactive, text, bulk = (self._lanes[lane] for lane in LANES)
         with self._cond:
-            while not self._interactive and not self._bulk:
+            while not (interactive or text or bulk):
                 if self._stopping:
                     return None
                 self._cond.wait()
-            first_is_bulk = not self._interactive
-            batch = [self._pop(bulk=first_is_bulk)]
+            if not interactive and text:
+                job = text.popleft()
+                self._set_gauges()
+                return [job]
+            first_is_bulk = not interactive
+            batch = [(bulk if first_is_bulk else interactive).popleft()]
             size = batch[0].size
             deadline = time.monotonic() + self._max_wait
             while size < self._max_batch and not self._stopping:
-                queue = self._interactive or (self._bulk if first_is_bulk else None)
+                queue = interactive or (bulk if first_is_bulk else None)
                 if queue and size + queue[0].size <= self._max_batch:
-                    job = self._pop(bulk=queue is self._bulk)
+                    job = queue.popleft()
                     batch.append(job)
                     size += job.size
                     continue
@@ -133,35 +156,36 @@ class EncoderQueue:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            metrics.QUEUE_IMAGES.set(self._pending_images)
+            self._set_gauges()
             return batch
-
-    def _pop(self, *, bulk: bool) -> _Job:
-        job = (self._bulk if bulk else self._interactive).popleft()
-        if not bulk:
-            self._pending_images -= job.size
-        return job
 
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([j.pixels for j in batch])
+            lane = batch[0].lane
             started = time.monotonic()
             try:
-                features = self._encoder.encode_pixels(pixels)
+                if lane == "text":
+                    features = self._encoder.encode_texts(batch[0].texts)
+                else:
+                    parts = [j.pixels for j in batch if j.pixels is not None]
+                    features = self._encoder.encode_pixels(parts[0] if len(parts) == 1 else np.concatenate(parts))
             except Exception as exc:  # the encoder failing must fail the jobs, not kill the worker
-                log.exception("encoder call failed for a batch of %d images", pixels.shape[0])
+                log.exception("encoder call failed for a %s batch of %d", lane, sum(j.size for j in batch))
                 for job in batch:
                     job.future.set_exception(exc)
                 continue
             elapsed = time.monotonic() - started
-            metrics.ENCODE_SECONDS.observe(elapsed)
-            metrics.BATCH_IMAGES.observe(pixels.shape[0])
-            if elapsed > 0:
-                rate = pixels.shape[0] / elapsed
-                self._images_per_second = 0.8 * self._images_per_second + 0.2 * rate
+            rows = int(features.shape[0])
+            metrics.LANE_SECONDS.labels(lane).inc(elapsed)
+            metrics.LANE_ROWS.labels(lane).inc(rows)
+            if lane != "text":
+                metrics.ENCODE_SECONDS.observe(elapsed)
+                metrics.BATCH_IMAGES.observe(rows)
+                if elapsed > 0:
+                    self._images_per_second = 0.8 * self._images_per_second + 0.2 * rows / elapsed
             row = 0
             for job in batch:
                 job.future.set_result(features[row : row + job.size])

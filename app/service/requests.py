@@ -1,18 +1,28 @@
-"""What the HTTP layer hands the service: typed, size-checked requests. Semantics are checked here."""
+"""Every operation's input, validated once.
+
+The HTTP layer only parses: it hands over a raw request (`CreateTaskRequest`, `AddShotsRequest`,
+`ClassifyRequest`) whose JSON-valued fields are parsed but unchecked. `RequestRules` knows the
+settings (and, for operations on a task, the task) and turns a raw request into a checked one, or
+raises `AppError` naming the first problem. Nothing downstream checks again: the builder and the
+classifier trust a checked request.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from app.encoder import ClassPrompts, check_templates
-from app.settings import Settings
-from cache_models import METHODS
+from app.errors import AppError, ErrorCode
+from app.settings import MAX_VIEWS, Settings
+from cache_models import METHODS, get_method
 
-from .build import AUTO
-from .errors import InvalidInput, PayloadTooLarge
-from .task import ClassInfo
+if TYPE_CHECKING:
+    from .task import Task
 
+AUTO = "auto"
+DEFAULT = "default"  # the method_requested of a task whose client named none
 MAX_LABEL_CHARS = 100
 MAX_NAME_CHARS = 200
 
@@ -23,95 +33,240 @@ class UploadedImage:
     data: bytes
 
 
+# ---- raw requests (parsed, not checked) -----------------------------------------------------------
 @dataclass(frozen=True)
-class ClassSpec:
-    """Per-class text options: extra prompts/descriptions, and whether the templates apply too."""
-
-    prompts: tuple[str, ...] = ()
-    templates: bool = True
-
-
-@dataclass(frozen=True)
-class ShotsRequest:
+class AddShotsRequest:
     images: Sequence[UploadedImage]
     labels: Sequence[str]
-    classes: Mapping[str, ClassSpec] = field(default_factory=dict)
+    classes: object = None  # parsed JSON: {"cat": ["prompt", ...], "dog": {"prompts": [...], "templates": false}}
 
 
 @dataclass(frozen=True)
-class CreateTaskRequest(ShotsRequest):
+class CreateTaskRequest(AddShotsRequest):
     name: str | None = None
     method: str | None = None  # None: the model's default; "auto": best by leave-one-out
     views: int | None = None
-    templates: Sequence[str] | None = None
-    hyperparams: Mapping[str, float] | None = None
+    templates: object = None  # parsed JSON: a list of templates with one {}
+    hyperparams: object = None  # parsed JSON: {name: number} for `method`
+    wait: bool = True  # False: answer at once, build in the background
 
 
-def check_shots(request: ShotsRequest, settings: Settings) -> list[str]:
-    """Validate images/labels; returns the cleaned labels."""
-    if len(request.images) > settings.max_create_files:
-        raise PayloadTooLarge(
-            f"{len(request.images)} images in one request; the limit is {settings.max_create_files}",
-            code="too_many_files",
-        )
-    if not request.images:
-        raise InvalidInput("no images: send one or more `images` files with matching `labels`", code="no_images")
-    if len(request.labels) != len(request.images):
-        raise InvalidInput(
-            f"{len(request.images)} images but {len(request.labels)} labels: send one label per image, same order",
-            code="labels_mismatch",
-        )
-    labels = [label.strip() for label in request.labels]
-    for i, label in enumerate(labels):
-        if not label:
-            raise InvalidInput(f"label {i} is empty", code="empty_label")
-        if len(label) > MAX_LABEL_CHARS:
-            raise InvalidInput(f"label {i} is longer than {MAX_LABEL_CHARS} characters", code="label_too_long")
-    return labels
+@dataclass(frozen=True)
+class ClassifyRequest:
+    images: Sequence[UploadedImage]
+    top_k: int = 5
+    method: str | None = None  # None: the task's own
+    abstain: bool = False
 
 
-def check_create(request: CreateTaskRequest, settings: Settings) -> list[str]:
-    labels = check_shots(request, settings)
-    distinct = set(labels)
-    if len(distinct) < 2:
-        raise InvalidInput(
-            f"a task needs at least 2 classes; got {len(distinct)} ({', '.join(sorted(distinct))})",
-            code="too_few_classes",
+# ---- checked requests ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckedShots:
+    images: Sequence[UploadedImage]
+    labels: tuple[str, ...]  # stripped
+    new_classes: tuple[ClassPrompts, ...]  # classes no earlier version has, in first-appearance order
+
+
+@dataclass(frozen=True)
+class CheckedCreate(CheckedShots):
+    name: str | None
+    method_requested: str  # "auto", a method name, or "default"
+    target: str  # the method to choose: "auto" or a method name (the model's default resolved)
+    views: int
+    templates: tuple[str, ...] | None  # None: the model's default templates
+    hyperparams: Mapping[str, float] | None  # fit `target` with these instead of tuning it
+    wait: bool
+
+
+@dataclass(frozen=True)
+class CheckedClassify:
+    images: Sequence[UploadedImage]
+    top_k: int
+    method: str | None
+    abstain: bool
+
+
+def _invalid(code: ErrorCode, message: str) -> AppError:
+    return AppError(code, message)
+
+
+class RequestRules:
+    """The rules every request must meet: the settings' limits and the known methods."""
+
+    def __init__(self, settings: Settings, *, default_method: str, methods: Sequence[str] = METHODS) -> None:
+        self.settings = settings
+        self.default_method = default_method
+        self.methods = tuple(methods)
+
+    # ---- operations ---------------------------------------------------------------------------
+    def create(self, request: CreateTaskRequest) -> CheckedCreate:
+        labels = self._shots(request.images, request.labels)
+        names = list(dict.fromkeys(labels))
+        if len(names) < 2:
+            raise _invalid(
+                ErrorCode.TOO_FEW_CLASSES, f"a task needs at least 2 classes; got {len(names)} ({', '.join(names)})"
+            )
+        self._class_count(len(names))
+        if request.name is not None and len(request.name) > MAX_NAME_CHARS:
+            raise _invalid(ErrorCode.NAME_TOO_LONG, f"name is longer than {MAX_NAME_CHARS} characters")
+        method = request.method
+        if method is not None:
+            self.method_name(method, allow_auto=True)
+        views = self.settings.views if request.views is None else request.views
+        if not 1 <= views <= MAX_VIEWS:
+            raise _invalid(ErrorCode.INVALID_VIEWS, f"views must be between 1 and {MAX_VIEWS}, got {views}")
+        templates = None if request.templates is None else self._templates(request.templates)
+        hyperparams = None
+        if request.hyperparams is not None:
+            if method is None or method == AUTO:
+                raise _invalid(ErrorCode.HYPERPARAMS_WITHOUT_METHOD, "hyperparams need an explicit method (not auto)")
+            hyperparams = self._hyperparams(method, request.hyperparams)
+        specs = self._class_specs(request.classes)
+        self._only_labelled(specs, set(names))
+        return CheckedCreate(
+            images=request.images,
+            labels=labels,
+            new_classes=tuple(self._class(n, specs) for n in names),
+            name=request.name,
+            method_requested=method or DEFAULT,
+            target=method or self.default_method,
+            views=views,
+            templates=templates,
+            hyperparams=hyperparams,
+            wait=request.wait,
         )
-    if len(distinct) > settings.max_classes:
-        raise InvalidInput(f"{len(distinct)} classes; the limit is {settings.max_classes}", code="too_many_classes")
-    if request.name is not None and len(request.name) > MAX_NAME_CHARS:
-        raise InvalidInput(f"name is longer than {MAX_NAME_CHARS} characters", code="name_too_long")
-    if request.method is not None and request.method not in (AUTO, *METHODS):
-        raise InvalidInput(
-            f"unknown method {request.method!r}; valid: {AUTO}, {', '.join(METHODS)}", code="unknown_method"
-        )
-    if request.views is not None and not 1 <= request.views <= 32:
-        raise InvalidInput(f"views must be between 1 and 32, got {request.views}", code="invalid_views")
-    if request.templates is not None:
+
+    def add_shots(self, request: AddShotsRequest, task: Task) -> CheckedShots:
+        labels = self._shots(request.images, request.labels)
+        existing = task.class_names
+        new_names = [n for n in dict.fromkeys(labels) if n not in existing]
+        self._class_count(len(existing) + len(new_names), what="the task would have")
+        specs = self._class_specs(request.classes)
+        redefined = sorted(set(specs) & set(existing))
+        if redefined:
+            raise _invalid(
+                ErrorCode.CLASS_EXISTS,
+                f"`classes` may only describe new classes; {redefined} already exist in the task "
+                "(their prompts are fixed)",
+            )
+        self._only_labelled(specs, set(new_names))
+        return CheckedShots(request.images, labels, tuple(self._class(n, specs) for n in new_names))
+
+    def classify(self, request: ClassifyRequest, task: Task) -> CheckedClassify:
+        limit = self.settings.max_classify_files
+        if len(request.images) > limit:
+            raise _invalid(
+                ErrorCode.TOO_MANY_FILES,
+                f"{len(request.images)} images in one classify request; the limit is {limit}",
+            )
+        if not request.images:
+            raise _invalid(ErrorCode.NO_IMAGES, "no images: send one or more `images` files")
+        if not 1 <= request.top_k <= self.settings.max_top_k:
+            raise _invalid(
+                ErrorCode.INVALID_TOP_K, f"top_k must be between 1 and {self.settings.max_top_k}, got {request.top_k}"
+            )
+        if request.method is not None and request.method not in task.fits:
+            raise _invalid(
+                ErrorCode.UNKNOWN_METHOD, f"unknown method {request.method!r}; valid: {', '.join(task.fits)}"
+            )
+        return CheckedClassify(request.images, request.top_k, request.method, request.abstain)
+
+    def method_name(self, name: str, *, allow_auto: bool) -> str:
+        valid = (AUTO, *self.methods) if allow_auto else self.methods
+        if name not in valid:
+            raise _invalid(ErrorCode.UNKNOWN_METHOD, f"unknown method {name!r}; valid: {', '.join(valid)}")
+        return name
+
+    # ---- parts --------------------------------------------------------------------------------
+    def _shots(self, images: Sequence[UploadedImage], raw_labels: Sequence[str]) -> tuple[str, ...]:
+        limit = self.settings.max_create_files
+        if len(images) > limit:
+            raise _invalid(ErrorCode.TOO_MANY_FILES, f"{len(images)} images in one request; the limit is {limit}")
+        if not images:
+            raise _invalid(ErrorCode.NO_IMAGES, "no images: send one or more `images` files with matching `labels`")
+        if len(raw_labels) != len(images):
+            raise _invalid(
+                ErrorCode.LABELS_MISMATCH,
+                f"{len(images)} images but {len(raw_labels)} labels: send one label per image, same order",
+            )
+        labels = tuple(label.strip() for label in raw_labels)
+        for i, label in enumerate(labels):
+            if not label:
+                raise _invalid(ErrorCode.EMPTY_LABEL, f"label {i} is empty")
+            if len(label) > MAX_LABEL_CHARS:
+                raise _invalid(ErrorCode.LABEL_TOO_LONG, f"label {i} is longer than {MAX_LABEL_CHARS} characters")
+        return labels
+
+    def _class_count(self, count: int, *, what: str = "") -> None:
+        if count > self.settings.max_classes:
+            subject = f"{what} {count} classes" if what else f"{count} classes"
+            raise _invalid(ErrorCode.TOO_MANY_CLASSES, f"{subject.strip()}; the limit is {self.settings.max_classes}")
+
+    @staticmethod
+    def _templates(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise _invalid(
+                ErrorCode.INVALID_TEMPLATES, '`templates` must be a JSON list of strings, e.g. ["a photo of a {}."]'
+            )
         try:
-            check_templates(request.templates)
+            return tuple(check_templates(value))
         except ValueError as exc:
-            raise InvalidInput(str(exc), code="invalid_templates") from None
-    if request.hyperparams is not None and request.method in (None, AUTO):
-        raise InvalidInput("hyperparams need an explicit method (not auto)", code="hyperparams_without_method")
-    check_class_specs(request.classes, distinct)
-    return labels
+            raise _invalid(ErrorCode.INVALID_TEMPLATES, str(exc)) from None
 
-
-def check_class_specs(classes: Mapping[str, ClassSpec], labels: set[str]) -> None:
-    unknown = sorted(set(classes) - labels)
-    if unknown:
-        raise InvalidInput(
-            f"`classes` names {unknown}, which no image is labelled with", code="unknown_class_in_classes"
-        )
-    for name, spec in classes.items():
+    @staticmethod
+    def _hyperparams(method: str, value: object) -> dict[str, float]:
+        if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise _invalid(ErrorCode.INVALID_HYPERPARAMS, "`hyperparams` must be a JSON object of numbers")
+        hyperparams = {str(k): float(v) for k, v in value.items()}
         try:
-            ClassPrompts(name, spec.prompts, spec.templates)
+            get_method(method)(**hyperparams)  # the method's own checks: names, ranges, integers
         except ValueError as exc:
-            raise InvalidInput(str(exc), code="invalid_class_prompts") from None
+            raise _invalid(ErrorCode.INVALID_HYPERPARAMS, str(exc)) from None
+        return hyperparams
 
+    @staticmethod
+    def _class_specs(value: object) -> dict[str, tuple[tuple[str, ...], bool]]:
+        """`{"cat": ["a feline"], "dog": {"prompts": [...], "templates": false}}` -> name: (prompts, templates)."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _invalid(ErrorCode.INVALID_CLASSES, "`classes` must be a JSON object mapping class names to prompts")
+        out = {}
+        for name, spec in value.items():
+            if isinstance(spec, list):
+                spec = {"prompts": spec}
+            if not isinstance(spec, dict) or set(spec) - {"prompts", "templates"}:
+                raise _invalid(
+                    ErrorCode.INVALID_CLASSES,
+                    f'`classes[{name!r}]` must be a list of prompts or {{"prompts": [...], "templates": bool}}',
+                )
+            prompts = spec.get("prompts", [])
+            templates = spec.get("templates", True)
+            if (
+                not isinstance(prompts, list)
+                or not all(isinstance(p, str) for p in prompts)
+                or not isinstance(templates, bool)
+            ):
+                raise _invalid(
+                    ErrorCode.INVALID_CLASSES, f"`classes[{name!r}]`: prompts must be strings, templates a boolean"
+                )
+            out[str(name).strip()] = (tuple(prompts), templates)
+        return out
 
-def class_info(name: str, classes: Mapping[str, ClassSpec]) -> ClassInfo:
-    spec = classes.get(name, ClassSpec())
-    return ClassInfo(name, tuple(spec.prompts), spec.templates)
+    @staticmethod
+    def _only_labelled(specs: Mapping[str, object], labels: set[str]) -> None:
+        unknown = sorted(set(specs) - labels)
+        if unknown:
+            raise _invalid(
+                ErrorCode.UNKNOWN_CLASS_IN_CLASSES, f"`classes` names {unknown}, which no image is labelled with"
+            )
+
+    @staticmethod
+    def _class(name: str, specs: Mapping[str, tuple[tuple[str, ...], bool]]) -> ClassPrompts:
+        prompts, templates = specs.get(name, ((), True))
+        try:
+            return ClassPrompts(name, prompts, templates)
+        except ValueError as exc:
+            raise _invalid(ErrorCode.INVALID_CLASS_PROMPTS, str(exc)) from None

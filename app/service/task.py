@@ -7,12 +7,13 @@ the reference sees one version whole, never a mix.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from app.encoder import ClassPrompts
 from cache_models import CacheMethod
 
 FloatArray = npt.NDArray[np.float32]
@@ -22,13 +23,6 @@ IntArray = npt.NDArray[np.int64]
 # leave-one-out shots reached: in-distribution answers are kept at roughly that rate.
 ABSTAIN_KEEP_FRACTION = 0.95
 MIN_CORRECT_FOR_THRESHOLD = 5
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    name: str
-    prompts: tuple[str, ...] = ()
-    templates: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,7 @@ class Task:
     backend: str
     views: int
     templates: tuple[str, ...]
-    classes: tuple[ClassInfo, ...]
+    classes: tuple[ClassPrompts, ...]
     shot_features: FloatArray  # [S * views, d], rows s*views .. of shot s
     shot_labels: IntArray  # [S]
     shot_seeds: IntArray  # [S], the augmentation seed of each shot
@@ -95,7 +89,15 @@ class Task:
     fits: Mapping[str, MethodFit]
     method: str  # what classify uses unless told otherwise
     method_requested: str  # what the client asked for ("auto", a method name, or "default")
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.task_id)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this task holds (what a memory budget counts)."""
+        return int(self.shot_features.nbytes + self.text.nbytes + self.shot_labels.nbytes + self.shot_seeds.nbytes)
 
     @property
     def class_names(self) -> list[str]:
@@ -105,6 +107,7 @@ class Task:
         return np.bincount(self.shot_labels, minlength=len(self.classes)).astype(int).tolist()  # type: ignore[no-any-return]
 
     def classify(self, features: FloatArray, *, method: str | None, top_k: int, abstain: bool) -> list[Prediction]:
+        """Calibrated top-k per query row. CPU work (cache math, softmax): call it from a worker thread."""
         fit = self.fits[method or self.method]
         logits = fit.method.predict(features).astype(np.float64) / fit.temperature
         logits -= logits.max(axis=1, keepdims=True)

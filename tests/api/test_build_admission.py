@@ -16,9 +16,8 @@ def test_builds_past_the_limit_get_429_and_the_slot_frees_again(
 ) -> None:
     shots = base_shots[:3] + base_shots[6:9]  # two classes
     with running_app(make_settings(max_pending_builds=1)) as client:
-        service = client.app.state.service  # type: ignore[attr-defined]
-        service._admit_build()  # one build in flight: the only slot is taken
-        try:
+        admission = client.app.state.service.admission  # type: ignore[attr-defined]
+        with admission.build():  # one build in flight: the only slot is taken
             response = _create(client, shots)
             assert_error(response, 429, "busy", "task builds")
             assert response.headers["Retry-After"] == "5"
@@ -26,20 +25,15 @@ def test_builds_past_the_limit_get_429_and_the_slot_frees_again(
                 "/v1/tasks", files=files_of(shots), data={"labels": labels_of(shots), "wait": "false"}
             )
             assert_error(response, 429, "busy")
-        finally:
-            service._release_build()
         created = _create(client, shots)
         assert created.status_code == 201, created.text
         task_id = created.json()["id"]
-        service._admit_build()
-        try:
+        with admission.build():
             more = client.post(
                 f"/v1/tasks/{task_id}/shots", files=files_of(shots[:2]), data={"labels": labels_of(shots[:2])}
             )
             assert_error(more, 429, "busy")
-        finally:
-            service._release_build()
-        assert service._pending_builds == 0  # every admitted build was released
+        assert admission.pending_builds == 0  # every admitted build was released
 
 
 def _create(client: TestClient, shots: list[Shot]) -> Any:

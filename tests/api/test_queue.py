@@ -38,7 +38,7 @@ def pixels(value: float, n: int = 1) -> Any:
 @pytest.fixture
 def queue_and_encoder() -> Any:
     encoder = RecordingEncoder()
-    queue = EncoderQueue(encoder, max_batch=2, max_wait_ms=MINUTE_MS, capacity=16)  # type: ignore[arg-type]
+    queue = EncoderQueue(encoder, max_batch=2, max_wait_ms=MINUTE_MS)  # type: ignore[arg-type]
     queue.start()
     yield queue, encoder
     queue.stop()

@@ -58,7 +58,7 @@ def test_add_shots_and_a_new_class(api_client: TestClient) -> None:
     task = create_task(api_client, shots)
     task_id = task["id"]
     service = api_client.app.state.service  # type: ignore[attr-defined]
-    before = service.get_task("public", task_id).shot_features.copy()
+    before = service.registry.get(("public", task_id)).shot_features.copy()
     assert before.shape[0] == len(shots)
 
     added = cifar_images("train", ("airplane",), 2, skip=4) + cifar_images("train", ("ship",), 4)
@@ -72,7 +72,7 @@ def test_add_shots_and_a_new_class(api_client: TestClient) -> None:
     updated = response.json()
     # Only the six new images went through the encoder; the old shots' features are kept bit for bit.
     assert encoded_images() - encoded == len(added)
-    after = service.get_task("public", task_id).shot_features
+    after = service.registry.get(("public", task_id)).shot_features
     assert after.shape[0] == len(shots) + len(added)
     assert np.array_equal(after[: len(shots)], before)
     stored = service.store.load("public", task_id)

@@ -72,7 +72,7 @@ def tiny_model(seed: int = 0) -> LoadedModel:
 
 def tiny_encoder(loaded: LoadedModel, backend: str, data_dir: Path) -> Encoder:
     image, text = make_towers(loaded, backend, Settings(data_dir=data_dir, threads=2))
-    return Encoder(loaded, image, text, batch_size=8, templates=["a {}."], default_backend="onnx")
+    return Encoder(loaded, image, text, batch_size=8, templates=["a {}."])
 
 
 # ---- closeness to torch (the real stand-in) -----------------------------------------------------------------
@@ -94,8 +94,8 @@ def test_onnx_features_match_torch_on_real_images(encoder: Encoder, model_data_d
     # The stand-in's image tower has no MatMul to quantize and its int8 text tower fails the export check:
     # both backends run fp32 graphs, and say so.
     assert image.name == "onnx"
-    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=["a {}."], default_backend="")
-    candidate = Encoder(encoder.loaded, image, text, batch_size=8, templates=["a {}."], default_backend="")
+    reference = Encoder(encoder.loaded, torch_image, torch_text, batch_size=8, templates=["a {}."])
+    candidate = Encoder(encoder.loaded, image, text, batch_size=8, templates=["a {}."])
     images = real_images()
     assert len(images) >= 20
     cosine = np.sum(reference.encode_images(images) * candidate.encode_images(images), axis=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from PIL import Image
 
@@ -15,6 +16,7 @@ from app.encoder.factory import resolve_model
 from app.encoder.load import load_model
 from app.encoder.prompts import class_prompt_texts, template_set
 from app.encoder.standin import build_standin, recipe, standin_dir
+from app.service.builder import encode_views
 from app.settings import Settings
 from tests.conftest import dataset_dir
 
@@ -45,18 +47,22 @@ def test_encoding_is_deterministic_and_batch_independent(encoder: Encoder) -> No
     np.testing.assert_array_equal(encoder.encode_images(images), together)
 
 
+def views_of(encoder: Encoder, images: list[Image.Image], views: int, seeds: list[int]) -> npt.NDArray[np.float32]:
+    return encode_views(encoder.encode_pixels, encoder.preprocessor, images, views, seeds, per_call=32)
+
+
 def test_views_are_seeded_per_image_and_differ_from_each_other(encoder: Encoder) -> None:
     images = [_photo(1, (200, 150)), _photo(2, (150, 200))]
-    first = encoder.encode_views(images, 4, seeds=[10, 11])
-    again = encoder.encode_views(images, 4, seeds=[10, 11])
-    other = encoder.encode_views(images, 4, seeds=[12, 11])
+    first = views_of(encoder, images, 4, [10, 11])
+    again = views_of(encoder, images, 4, [10, 11])
+    other = views_of(encoder, images, 4, [12, 11])
     assert first.shape == (8, encoder.dim)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first[:4], other[:4])  # image 0's seed changed
     np.testing.assert_array_equal(first[4:], other[4:])  # image 1's did not
     assert np.ptp(first[:4] @ first[:4].T) > 1e-3  # four different crops, not one view four times
     # one view is the plain eval transform
-    np.testing.assert_allclose(encoder.encode_views(images, 1, seeds=[0, 0]), encoder.encode_images(images), atol=1e-6)
+    np.testing.assert_allclose(views_of(encoder, images, 1, [0, 0]), encoder.encode_images(images), atol=1e-6)
 
 
 def test_class_text_weights_average_the_prompts_of_each_class(encoder: Encoder) -> None:

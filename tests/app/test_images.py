@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
 
+from api.errors import status_of
 from app.images import ALLOWED_FORMATS, ImageError, ImageLimits, decode_image, resize_center_crop, sniff_format
 from tests.app import hostile_images as corpus
 
@@ -51,7 +52,7 @@ def close_to(actual: tuple[int, int, int], expected: tuple[int, int, int], toler
 def test_hostile_file_is_refused_with_status_code_and_message(hostile: corpus.HostileFile) -> None:
     with pytest.raises(ImageError) as refused:
         decode_image(hostile.data, filename=hostile.name)
-    assert (refused.value.status, refused.value.code) == (hostile.expected_status, hostile.expected_code)
+    assert (status_of(refused.value.code), refused.value.code) == (hostile.expected_status, hostile.expected_code)
     message = str(refused.value)
     assert message.startswith(f"{hostile.name}: ")
     assert PROBLEM_WORDS_BY_FILE.get(hostile.name, PROBLEM_WORDS[refused.value.code]) in message
@@ -97,7 +98,7 @@ def test_limits_are_checked_in_order_size_then_format_then_dimensions() -> None:
     small_limits = ImageLimits(max_file_bytes=100)
     with pytest.raises(ImageError) as too_big:
         decode_image(b"not an image at all" * 10, small_limits)  # too large AND not an image: size wins
-    assert (too_big.value.status, too_big.value.code) == (413, "file_too_large")
+    assert (status_of(too_big.value.code), too_big.value.code) == (413, "file_too_large")
     assert "190 bytes; the limit is 100 bytes" in str(too_big.value)
     with pytest.raises(ImageError) as bad_format:
         decode_image(b"<svg>" + corpus.png_bomb().data)  # a bomb behind a non-image prefix is never opened
@@ -108,10 +109,10 @@ def test_caller_limits_apply() -> None:
     photo = corpus.webp().data  # 64 x 48
     with pytest.raises(ImageError) as too_small:
         decode_image(photo, ImageLimits(min_side=50))
-    assert (too_small.value.status, too_small.value.code) == (422, "image_too_small")
+    assert (status_of(too_small.value.code), too_small.value.code) == (422, "image_too_small")
     with pytest.raises(ImageError) as too_many_pixels:
         decode_image(photo, ImageLimits(max_pixels=64 * 48 - 1))
-    assert (too_many_pixels.value.status, too_many_pixels.value.code) == (413, "image_too_large")
+    assert (status_of(too_many_pixels.value.code), too_many_pixels.value.code) == (413, "image_too_large")
     assert decode_image(photo, ImageLimits(min_side=48, max_side=64, max_pixels=64 * 48)).size == (64, 48)
 
 
@@ -122,7 +123,7 @@ def test_pillow_bomb_guard_never_escapes(monkeypatch: pytest.MonkeyPatch, pillow
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
     with pytest.raises(ImageError) as refused:
         decode_image(corpus.bmp().data)  # 64 x 48 = 3,072 pixels
-    assert (refused.value.status, refused.value.code) == (413, "image_too_large")
+    assert (status_of(refused.value.code), refused.value.code) == (413, "image_too_large")
 
 
 def test_importing_the_module_hands_bomb_checks_to_it() -> None:
@@ -230,7 +231,7 @@ def test_concurrent_decoding_gives_the_same_results_as_sequential() -> None:
         try:
             img = decode_image(hostile.data, filename=hostile.name)
         except ImageError as err:
-            return (err.status, err.code, str(err))
+            return (status_of(err.code), err.code, str(err))
         return (img.size, img.tobytes())
 
     sequential = [outcome(hostile) for hostile in files]
@@ -258,7 +259,7 @@ def decodes_or_refuses(data: bytes) -> None:
     try:
         img = decode_image(data, min_decode_side=32)
     except ImageError as err:
-        status = err.status
+        status = status_of(err.code)
     else:
         status = 200
         assert img.mode == "RGB"
