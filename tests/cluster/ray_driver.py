@@ -67,7 +67,7 @@ def main(store_url: str, data_dir: str, port: int) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from app.ray_serve import INGRESS, app_builder, replica_env
+    from api.ray_serve import INGRESS, app_builder, replica_env
 
     os.environ.update({"SHOTCACHE_STORE": store_url, "SHOTCACHE_MODEL": "offline", "SHOTCACHE_THREADS": "1"})
     os.environ["SHOTCACHE_DATA_DIR"] = data_dir

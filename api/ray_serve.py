@@ -46,7 +46,7 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-APP_FACTORY = "api.main:create_app"  # named, not imported: app/ sits below the HTTP layer
+APP_FACTORY = "api.main:create_app"  # imported on the replica, not in the driver
 INGRESS = "shotcache"
 REPLICA = "shotcache-replica"
 # Ray's multiplexing counts tasks, the service's cache counts bytes: this is the size we assume per task
