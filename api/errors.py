@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.errors import AppError, Busy, ErrorCode
+from app.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.SHOT_NOT_FOUND: 404,
     **dict.fromkeys((_C.BUILDING, _C.MODEL_MISMATCH, _C.VERSION_CONFLICT, _C.TASK_DAMAGED), 409),
     _C.BUSY: 429,
-    **dict.fromkeys((_C.NOT_READY, _C.SHUTTING_DOWN), 503),
+    **dict.fromkeys((_C.NOT_READY, _C.STORE_UNAVAILABLE, _C.SHUTTING_DOWN), 503),
     _C.UNAUTHORIZED: 401,
     _C.FORBIDDEN: 403,
     _C.INTERNAL_ERROR: 500,
@@ -106,6 +107,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
         return app_error_response(exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        # Transient and not the client's fault: 503 with a retry hint. The message names the store
+        # without credentials (the store guarantees that).
+        return error_response(503, ErrorCode.STORE_UNAVAILABLE, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

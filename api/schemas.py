@@ -136,6 +136,7 @@ class Info(BaseModel):
     tasks: int
     damaged_tasks: list[dict[str, Any]]
     queue: dict[str, int]
+    store: str = Field(description="Where tasks live: a local directory, or a PostgreSQL URL without its password.")
     auth: Literal["open", "api-keys"]
 
 

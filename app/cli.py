@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -104,6 +105,15 @@ def cmd_build_offline_model(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        try:
+            # Named, not imported at the top: the Ray engine is HTTP-layer code (api/), above app/.
+            serve_with_ray = importlib.import_module("api.ray_serve").serve_with_ray
+        except ImportError as error:
+            print(f"--engine ray needs Ray Serve ({error}): pip install 'shotcache[ray]'", file=sys.stderr)
+            return 2
+        serve_with_ray(_settings(args), _overrides(args), replicas=args.replicas)
+        return 0
     from .server import serve
 
     serve(_settings(args), _overrides(args))
@@ -130,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="uvicorn: one process (default); ray: --replicas replicas under Ray Serve (extra `ray`, "
+        "needs SHOTCACHE_STORE=postgresql://...)",
+    )
+    serve.add_argument("--replicas", type=int, default=2, help="replicas for --engine ray (default 2)")
     serve.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="few-shot accuracy of every method on a labelled image folder")

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     # --- the service ----------------------------------------------------------------------------
     BUSY = "busy"
     NOT_READY = "not_ready"
+    STORE_UNAVAILABLE = "store_unavailable"  # a shared task store (PostgreSQL) does not answer: transient
     SHUTTING_DOWN = "shutting_down"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"

@@ -45,10 +45,24 @@ class Settings(BaseSettings):
 
     # --- storage -----------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Tasks, the stand-in model and exported backends live here.")
+    store: SecretStr | None = Field(
+        None,
+        description="Where tasks live. Unset: `<data dir>/tasks` on the local disk (one process). A `postgresql://` "
+        "URL (libpq syntax, e.g. `postgresql://user@db/shotcache` or `postgresql:///shotcache?host=/socket/dir&port="
+        "5432`): one PostgreSQL database shared by every replica (needs the `postgres` extra). The password may be in "
+        "the URL or libpq's environment (`PGPASSWORD`, `~/.pgpass`); it never appears in logs, `/v1/info` or errors.",
+    )
+    task_cache_mb: float = Field(
+        1024,
+        gt=0,
+        description="Memory budget for this process's loaded tasks (MB): past it the least recently used are "
+        "unloaded, and loaded again from the store when next asked for.",
+    )
     check_freshness: bool = Field(
         False,
         description="Before serving a task, ask the store whether its version moved (another replica wrote it) "
-        "and reload it if so. Off for the local store, which only this process writes.",
+        "and reload it if so. Always on with a PostgreSQL `SHOTCACHE_STORE`; off by default for the local store, which "
+        "only this process writes.",
     )
 
     # --- HTTP --------------------------------------------------------------------------------
@@ -105,6 +119,8 @@ def settings_table() -> str:
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:
             default = "CPU count" if name == "threads" else "(none)"
+        elif field.default is None:
+            default = "(none)"
         else:
             default = str(field.default)
         lines.append(f"| `SHOTCACHE_{name.upper()}` | `{default}` | {field.description} |")

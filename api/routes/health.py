@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -21,10 +22,13 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses=errors(503), tags=["health"])
 async def readyz(request: Request) -> Health | JSONResponse:
-    """The model is loaded and warmed up, tasks are restored."""
+    """The model is loaded and warmed up, tasks are restored, the task store answers."""
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return JSONResponse({"error": {"code": "not_ready", "message": "starting"}}, status_code=503)
+    problem = await run_in_threadpool(service.store_problem)  # one round trip to a shared store
+    if problem is not None:
+        return JSONResponse({"error": {"code": "store_unavailable", "message": problem}}, status_code=503)
     return Health(status="ready")
 
 

@@ -32,6 +32,8 @@ from app.errors import AppError, ErrorCode
 from app.images import ImageLimits
 from app.settings import MAX_VIEWS, Settings
 from app.store import TaskStore
+from app.store.base import StoreUnavailable
+from app.store.factory import describe_store, ping
 from cache_models import METHODS
 
 from . import metrics
@@ -95,7 +97,11 @@ class TaskService:
             from_snapshot,
             to_snapshot,
             model_id=encoder.identity.model_id,
-            check_freshness=settings.check_freshness,
+            # A shared store (PostgreSQL) is written by every replica: check the live version per request.
+            check_freshness=settings.check_freshness or bool(getattr(store, "shared", False)),
+            budget_bytes=int(settings.task_cache_mb * 2**20),
+            # Background builds on a board every replica reads (shared store only): any replica can answer the poll.
+            build_board=getattr(store, "builds", None),
         )
         self.builder = TaskBuilder(
             encoder, self.queue, self.limits, max_batch=settings.max_batch, default_method=self.default_method
@@ -195,6 +201,14 @@ class TaskService:
     async def usage(self) -> dict[str, dict[str, int]]:
         return await self._run(self._io_pool, self.store.usage)
 
+    def store_problem(self) -> str | None:
+        """Why the task store cannot serve right now (None: it can); /readyz asks, off the event loop."""
+        try:
+            ping(self.store)
+        except StoreUnavailable as error:
+            return str(error)
+        return None
+
     def info(self) -> dict[str, Any]:
         identity = self.encoder.identity
         return {
@@ -225,6 +239,7 @@ class TaskService:
                 "max_views": MAX_VIEWS,
             },
             "tasks": len(self.registry),
+            "store": describe_store(self.store),
             "damaged_tasks": [
                 {"tenant": d.tenant, "task_id": d.task_id, "reason": d.reason} for d in self.registry.damaged
             ],

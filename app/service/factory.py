@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from app.encoder import create_encoder
 from app.settings import Settings
-from app.store import LocalDirStore
+from app.store.factory import open_store
 
 from .core import TaskService
 
 
 def open_service(settings: Settings) -> TaskService:
+    store = open_store(settings)  # first: an unreachable store fails in seconds, not after the model loads
     encoder, fallback = create_encoder(settings)
-    store = LocalDirStore(settings.data_dir / "tasks")
     service = TaskService(settings, encoder, store, fallback=fallback)
     service.start()
     return service

@@ -8,6 +8,7 @@ build paths or keys from them only because nothing outside the allowed alphabets
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ class TaskSnapshot:
                 raise ValueError(f"array {name!r} has dtype {array.dtype}: object arrays would need pickles")
 
 
+def encode_meta(snapshot: TaskSnapshot) -> bytes:
+    """The bytes every backend stores for `snapshot.meta` (UTF-8 JSON); ValueError if it is not JSON."""
+    try:
+        return json.dumps(dict(snapshot.meta), ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as error:
+        raise ValueError(f"task {snapshot.tenant}/{snapshot.task_id}: meta is not JSON-serialisable: {error}") from None
+
+
 @dataclass(frozen=True)
 class DamagedTask:
     """A task found on storage that cannot be served; `location` tells an operator where it now is."""
@@ -100,6 +109,14 @@ class VersionConflict(ValueError):  # noqa: N818 (the condition, like DamagedTas
     def __init__(self, message: str, *, live: int | None) -> None:
         super().__init__(message)
         self.live = live
+
+
+class StoreUnavailable(Exception):  # noqa: N818 (a condition the service reports, like VersionConflict)
+    """The store cannot be reached right now (a shared backend is down or unreachable).
+
+    Transient: the same call may succeed later. The message is safe to show (it never holds credentials).
+    A save that raises this may or may not have committed; a retry of it then meets VersionConflict.
+    """
 
 
 class TaskStore(Protocol):

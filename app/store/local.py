@@ -49,7 +49,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from app.store.base import DamagedTask, DamagedTaskError, TaskSnapshot, TaskStore, VersionConflict, check_id
+from app.store.base import (
+    DamagedTask,
+    DamagedTaskError,
+    TaskSnapshot,
+    TaskStore,
+    VersionConflict,
+    check_id,
+    encode_meta,
+)
 from app.store.durable_files import (
     file_sha256,
     fsync_dir,
@@ -102,7 +110,7 @@ class LocalDirStore(TaskStore):
     # --- TaskStore --------------------------------------------------------------------------------
 
     def save(self, snapshot: TaskSnapshot) -> None:
-        meta_bytes = _encode_meta(snapshot)
+        meta_bytes = encode_meta(snapshot)
         task_dir = self._task_dir(snapshot.tenant, snapshot.task_id)
         with self._task_lock(snapshot.tenant, snapshot.task_id):
             stored_version = self._stored_version(task_dir)
@@ -356,13 +364,6 @@ def _read_manifest_bytes(task_dir: Path) -> bytes | None:
         return (task_dir / CURRENT).read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return None
-
-
-def _encode_meta(snapshot: TaskSnapshot) -> bytes:
-    try:
-        return json.dumps(dict(snapshot.meta), ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as error:
-        raise ValueError(f"task {snapshot.tenant}/{snapshot.task_id}: meta is not JSON-serialisable: {error}") from None
 
 
 def _is_valid_id(name: str) -> bool:

@@ -1,0 +1,241 @@
+"""What is PostgresStore's own (the shared contract is in test_store_contract.py): its rows, its schema
+migrations, its secrets, outages, and a process SIGKILLed while it saves."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from app.settings import Settings
+from app.store import LocalDirStore, TaskSnapshot
+from app.store.base import StoreUnavailable
+from app.store.factory import describe_store, open_store
+from app.store.postgres import PostgresStore, describe_url
+from app.store.postgres_schema import LATEST, SchemaTooNewError
+from tests.stores.postgres_server import PostgresServer
+from tests.stores.snapshots import assert_identical
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[PostgresStore]:
+    opened = PostgresStore(postgres_url, timeout_s=1.0)
+    yield opened
+    opened.close()
+
+
+def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query.encode(), params).fetchall()
+
+
+def snapshot_with(version: int, **arrays: np.ndarray[Any, Any]) -> TaskSnapshot:
+    return TaskSnapshot("acme", "cats", version, {"version": version}, arrays)
+
+
+def test_a_save_keeps_one_version_and_shares_unchanged_blobs(store: PostgresStore, postgres_url: str) -> None:
+    text = np.arange(64, dtype=np.float32)
+    store.save(snapshot_with(1, text=text, keys=np.ones((4, 8), np.float32)))
+    text_sha = rows(postgres_url, "SELECT sha256 FROM shotcache_array WHERE name = 'text'")[0][0]
+    written_by = rows(postgres_url, "SELECT xmin::text FROM shotcache_blob WHERE sha256 = %s", text_sha)
+    store.save(snapshot_with(2, text=text, keys=np.ones((6, 8), np.float32)))
+
+    assert rows(postgres_url, "SELECT version FROM shotcache_version") == [(2,)]
+    assert rows(postgres_url, "SELECT version FROM shotcache_task") == [(2,)]
+    assert len(rows(postgres_url, "SELECT 1 FROM shotcache_blob")) == 2  # the old keys' blob is gone
+    # The unchanged array's blob is the very row version 1 wrote: not sent or written again.
+    assert rows(postgres_url, "SELECT xmin::text FROM shotcache_blob WHERE sha256 = %s", text_sha) == written_by
+    assert_identical(store.load("acme", "cats"), snapshot_with(2, text=text, keys=np.ones((6, 8), np.float32)))
+
+
+def test_loaded_arrays_are_read_only_views(store: PostgresStore) -> None:
+    store.save(snapshot_with(1, keys=np.ones((4, 8), np.float32)))
+    loaded = store.load("acme", "cats")
+    assert loaded is not None
+    with pytest.raises(ValueError, match="read-only"):
+        loaded.arrays["keys"][0, 0] = 2.0
+
+
+def test_migrations_run_once_even_when_replicas_start_together(postgres_url: str) -> None:
+    errors: list[BaseException] = []
+    stores: list[PostgresStore] = []
+
+    def start() -> None:
+        try:
+            stores.append(PostgresStore(postgres_url))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for opened in stores:
+        opened.close()
+    assert errors == []
+    assert rows(postgres_url, "SELECT version FROM shotcache_migrations ORDER BY version") == [
+        (n,) for n in range(1, LATEST + 1)
+    ]
+
+
+def test_a_database_migrated_by_a_newer_shotcache_is_refused(postgres_url: str) -> None:
+    PostgresStore(postgres_url).close()
+    rows(postgres_url, "INSERT INTO shotcache_migrations (version, name) VALUES (999, 'future') RETURNING 1")
+    with pytest.raises(SchemaTooNewError, match="migration 999, this shotcache knows up to"):
+        PostgresStore(postgres_url)
+
+
+def test_the_password_never_appears_in_errors_logs_or_descriptions(caplog: pytest.LogCaptureFixture) -> None:
+    password = "s3cr@t-pw"
+    url = f"postgresql://bob:{password.replace('@', '%40')}@127.0.0.1:1/tasks?connect_timeout=2"
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StoreUnavailable) as raised:
+        PostgresStore(url)
+    assert "unreachable" in str(raised.value)
+    settings = Settings(store=url)
+    with pytest.raises(ValueError, match="not a valid libpq URL") as invalid:
+        open_store(Settings(store=f"postgresql://bob:{password}@db/tasks?no_such_option=1"))
+    for text in (str(raised.value), str(invalid.value), caplog.text, repr(settings), describe_url(url)):
+        assert password not in text
+        assert "s3cr%40t" not in text
+    assert describe_url(url) == "postgresql://bob@127.0.0.1:1/tasks"
+
+
+def test_the_factory_picks_the_store_from_the_setting(tmp_path: Path, postgres_url: str) -> None:
+    local = open_store(Settings(data_dir=tmp_path))
+    assert isinstance(local, LocalDirStore)
+    assert local.root == tmp_path / "tasks"
+    shared = open_store(Settings(data_dir=tmp_path, store=postgres_url))
+    try:
+        assert isinstance(shared, PostgresStore)
+        assert describe_store(shared).startswith("postgresql://postgres@/")
+    finally:
+        shared.close()
+    with pytest.raises(ValueError, match="must be a postgresql:// URL"):
+        open_store(Settings(data_dir=tmp_path, store="mysql://db/tasks"))
+
+
+def test_an_outage_raises_store_unavailable_and_the_store_recovers_by_itself(
+    store: PostgresStore, postgres: PostgresServer
+) -> None:
+    store.save(snapshot_with(1, keys=np.ones(3)))
+    postgres.pause()
+    try:
+        for call in (lambda: store.live_version("acme", "cats"), lambda: store.save(snapshot_with(2, keys=np.ones(3)))):
+            with pytest.raises(StoreUnavailable, match="unavailable"):
+                call()
+    finally:
+        postgres.resume()
+    deadline = time.monotonic() + 30
+    while True:  # the pool reconnects in the background; no call to the store object is needed for it
+        try:
+            assert store.live_version("acme", "cats") == 1
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "the store did not recover within 30 s of the database"
+    store.save(snapshot_with(2, keys=np.ones(3)))
+    assert store.live_version("acme", "cats") == 2
+
+
+# --- SIGKILL a process that is saving ----------------------------------------------------------------
+
+
+def crash_loop_snapshot(version: int) -> TaskSnapshot:
+    keys = np.full((200 + version % 97, 128), version, dtype=np.float32) + np.arange(128, dtype=np.float32)
+    index = np.full(50_000 + version, version % 251, dtype=np.uint8)
+    text = np.arange(1000, dtype=np.float32)  # never changes: its blob is shared by every version
+    return TaskSnapshot("acme", "cats", version, {"version": version}, {"keys": keys, "index": index, "text": text})
+
+
+CHILD_SCRIPT = """
+import sys
+import numpy as np
+from app.store import TaskSnapshot
+from app.store.postgres import PostgresStore
+{snapshot_source}
+store = PostgresStore(sys.argv[1])
+version = store.live_version("acme", "cats") or 0
+print("ready", flush=True)
+while True:
+    version += 1
+    store.save(crash_loop_snapshot(version))
+    print(version, flush=True)
+"""
+
+
+def test_sigkill_during_saves_never_loses_an_acknowledged_version(postgres_url: str) -> None:
+    script = CHILD_SCRIPT.format(snapshot_source=textwrap.dedent(inspect.getsource(crash_loop_snapshot)))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    delays = random.Random(7)
+    known = 0
+    acknowledged_saves = 0
+    reader = PostgresStore(postgres_url)
+    try:
+        for _ in range(12):
+            child = subprocess.Popen(
+                [sys.executable, "-c", script, postgres_url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=PROJECT_ROOT,
+                env=env,
+            )
+            assert child.stdout is not None
+            if child.stdout.readline() != "ready\n":
+                child.kill()
+                pytest.fail(f"child did not start: {child.communicate()[1]}")
+            time.sleep(delays.uniform(0.05, 0.3))
+            child.send_signal(signal.SIGKILL)
+            # Read on through the same text stream: readline may have buffered lines past "ready", which
+            # communicate() (reading the raw pipe) would lose.
+            out = child.stdout.read()
+            err = child.communicate(timeout=10)[1]  # the rest: stderr, then the exit
+            acknowledged = [int(line) for line in out.split()]
+            acknowledged_saves += len(acknowledged)
+            known = max([known, *acknowledged])
+
+            restored, damaged = reader.load_all()
+            assert damaged == []
+            if known == 0 and not restored:
+                continue
+            assert len(restored) == 1
+            version = restored[0].version
+            assert known <= version <= known + 1, (acknowledged, err[-2000:])  # +1: committed, killed before it printed
+            assert_identical(restored[0], crash_loop_snapshot(version))
+            known = version
+        # A killed transaction leaves nothing behind: one version, and exactly the blobs it uses.
+        assert rows(postgres_url, "SELECT count(*) FROM shotcache_version") == [(1,)]
+        assert rows(postgres_url, "SELECT count(*) FROM shotcache_blob") == [(3,)]
+    finally:
+        reader.close()
+    assert acknowledged_saves >= 6  # the children really were saving when they were killed
+
+
+def test_the_default_service_does_not_import_the_postgres_driver() -> None:
+    probe = (
+        "import sys, api.main, app.service.factory, app.store.factory;"
+        "print(sorted(m for m in sys.modules if m.startswith('psycopg')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("SHOTCACHE_STORE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT_ROOT, env=env, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,354 @@
+"""The TaskStore contract, run against every backend: LocalDirStore and PostgresStore (a real server).
+
+What each backend does on its own storage (the local store's crash sequence and file layout, the
+database's rows) is tested beside it: tests/app/test_store.py and tests/stores/test_postgres_store.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from app.store import DamagedTaskError, LocalDirStore, TaskSnapshot, TaskStore, VersionConflict
+from tests.stores.snapshots import assert_identical, make_snapshot
+
+Damage = Callable[[str, str, str], None]  # (kind, tenant, task id): break the stored live version
+
+
+@dataclass
+class Backend:
+    name: str
+    open: Callable[[], TaskStore]  # a new store object on the same storage: a restart, or another replica
+    damage: Damage
+    residue: Callable[[], list[str]]  # whatever is stored at all (empty: nothing was ever written)
+    shared: bool  # may several store objects (replicas) write the same storage at once?
+    _opened: list[Any] = field(default_factory=list)
+
+
+def _local_backend(root: Path) -> Backend:
+    def damage(kind: str, tenant: str, task_id: str) -> None:
+        task_dir = root / tenant / task_id
+        version_dir = next(p for p in task_dir.iterdir() if p.name.startswith("v"))
+        keys = version_dir / "a0000.npy"
+        if kind == "truncated":
+            os.truncate(keys, 100)
+        elif kind == "flipped":
+            data = bytearray(keys.read_bytes())
+            data[-7] ^= 0x01
+            keys.write_bytes(bytes(data))
+        elif kind == "missing":
+            (version_dir / "a0001.npy").unlink()
+        elif kind == "meta":
+            data = bytearray((version_dir / "meta.json").read_bytes())
+            data[-2] ^= 0x01
+            (version_dir / "meta.json").write_bytes(bytes(data))
+        else:
+            raise AssertionError(kind)
+
+    def residue() -> list[str]:
+        # Files only: an emptied tenant directory holds no data.
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+    return Backend("local", lambda: LocalDirStore(root), damage, residue, shared=False)
+
+
+def _postgres_backend(url: str) -> Backend:
+    import psycopg
+
+    from app.store.postgres import PostgresStore
+
+    def sql(statement: str, params: dict[str, str] | None = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            # A superuser may switch off the foreign keys: how a broken disk or a careless operator would.
+            conn.execute("SET session_replication_role = replica")
+            cursor = conn.execute(statement.encode(), params)
+            return cursor.fetchall() if cursor.description else []
+
+    def damage(kind: str, tenant: str, task_id: str) -> None:
+        # The blob of the live version's array number `position`, of this task only (other tasks may
+        # hold a blob with the same content).
+        blob_of = (
+            "tenant = %(tenant)s AND task_id = %(task)s AND sha256 = (SELECT a.sha256 FROM shotcache_array a"
+            " JOIN shotcache_task t USING (tenant, task_id, version)"
+            " WHERE a.tenant = %(tenant)s AND a.task_id = %(task)s AND a.position = {})"
+        )
+        statements = {
+            "truncated": f"UPDATE shotcache_blob SET data = substring(data from 1 for 100) WHERE {blob_of.format(0)}",
+            "flipped": "UPDATE shotcache_blob SET data = set_byte(data, length(data) - 7,"
+            f" get_byte(data, length(data) - 7) # 1) WHERE {blob_of.format(0)}",
+            "missing": f"DELETE FROM shotcache_blob WHERE {blob_of.format(1)}",
+            "meta": "UPDATE shotcache_version SET meta = '{\"version\": 666}'"
+            " WHERE tenant = %(tenant)s AND task_id = %(task)s",
+        }
+        sql(statements[kind], {"tenant": tenant, "task": task_id})
+
+    def residue() -> list[str]:
+        tables = ("shotcache_task", "shotcache_version", "shotcache_array", "shotcache_blob")
+        try:
+            return [f"{t}: {n}" for t in tables for (n,) in sql(f"SELECT count(*) FROM {t}") if n]
+        except psycopg.errors.UndefinedTable:
+            return []
+
+    backend = Backend("postgres", lambda: None, damage, residue, shared=True)  # type: ignore[arg-type,return-value]
+
+    def open_store() -> TaskStore:
+        store = PostgresStore(url)
+        backend._opened.append(store)
+        return store
+
+    backend.open = open_store
+    return backend
+
+
+@pytest.fixture(params=["local", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "local":
+        yield _local_backend(tmp_path / "tasks")
+        return
+    chosen = _postgres_backend(request.getfixturevalue("postgres_url"))
+    yield chosen
+    for store in chosen._opened:
+        store.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> TaskStore:
+    return backend.open()
+
+
+# --- round trip, versions, delete, listing ---------------------------------------------------------
+
+
+def test_round_trip_is_bit_identical_and_survives_a_restart(backend: Backend, store: TaskStore) -> None:
+    index = faiss.IndexFlatIP(8)
+    vectors = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    index.add(vectors)
+    arrays: dict[str, np.ndarray[Any, Any]] = {
+        "keys": np.random.default_rng(1).standard_normal((300, 1280)).astype(np.float32),
+        "labels": np.arange(300, dtype=np.int64),
+        "groups": np.arange(300, dtype=np.int32)[::-1].copy(),
+        "text_weights": np.array([[np.nan, np.inf, -0.0]], dtype=np.float16),
+        "big_endian": np.arange(5, dtype=">f8"),
+        "fortran_order": np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),
+        "strided_view": np.arange(40, dtype=np.float32).reshape(4, 10)[:, ::3],
+        "scalar": np.array(2.5),
+        "empty": np.zeros((0, 16), dtype=np.float32),
+        "flags": np.array([True, False]),
+        "same_bytes_as_flags": np.array([True, False]),  # identical content under two names
+        "method/tip-adapter/index": faiss.serialize_index(index),
+    }
+    meta = {"name": "chats ✓", "classes": ["cat", "dog"], "loo": 0.875, "hyper": {"alpha": 1, "beta": None}}
+    snapshot = TaskSnapshot("acme", "cats", 1, meta, arrays)
+    store.save(snapshot)
+
+    assert_identical(backend.open().load("acme", "cats"), snapshot)
+    restored, damaged = backend.open().load_all()
+    assert damaged == []
+    assert len(restored) == 1
+    assert_identical(restored[0], snapshot)
+    # The FAISS index comes back usable and answers exactly as before.
+    reloaded = faiss.deserialize_index(restored[0].arrays["method/tip-adapter/index"])
+    assert np.array_equal(reloaded.search(vectors[:5], 3)[1], index.search(vectors[:5], 3)[1])
+
+
+def test_a_newer_version_replaces_the_old_and_older_ones_are_refused(store: TaskStore) -> None:
+    assert store.live_version("acme", "cats") is None
+    store.save(make_snapshot(1))
+    assert store.live_version("acme", "cats") == 1
+    with pytest.raises(VersionConflict, match="not newer") as same:
+        store.save(make_snapshot(1))
+    assert same.value.live == 1
+    store.save(make_snapshot(3))
+    with pytest.raises(VersionConflict, match="not newer") as older:
+        store.save(make_snapshot(2))
+    assert older.value.live == 3
+    assert store.live_version("acme", "cats") == 3
+    assert_identical(store.load("acme", "cats"), make_snapshot(3))
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda: TaskSnapshot("acme", "cats", 0, {}, {}), "version"),
+        (lambda: TaskSnapshot("acme", "cats", True, {}, {}), "version"),
+        (lambda: TaskSnapshot("acme", "cats", 1, {}, {"x": [1, 2]}), "numpy array"),  # type: ignore[dict-item]
+        (lambda: TaskSnapshot("acme", "cats", 1, {}, {"x": np.array([{}], dtype=object)}), "pickles"),
+        (lambda: TaskSnapshot("acme", "cats", 1, {"when": object()}, {}), "not JSON-serialisable"),
+    ],
+)
+def test_invalid_snapshots_are_refused_and_nothing_is_stored(
+    backend: Backend, store: TaskStore, build: Callable[[], TaskSnapshot], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        store.save(build())
+    assert store.load("acme", "cats") is None
+    assert backend.residue() == []
+
+
+def test_delete_removes_the_task_and_its_id_can_be_reused(backend: Backend, store: TaskStore) -> None:
+    store.save(make_snapshot(4))
+    assert store.delete("acme", "cats") is True
+    assert store.load("acme", "cats") is None
+    assert store.live_version("acme", "cats") is None
+    assert store.list_ids() == []
+    assert backend.residue() == []
+    assert store.delete("acme", "cats") is False
+    store.save(make_snapshot(1))  # a new task under the same id starts again at version 1
+    assert_identical(backend.open().load("acme", "cats"), make_snapshot(1))
+
+
+def test_list_ids_and_usage_per_tenant(store: TaskStore) -> None:
+    for tenant, task_id in [("beta", "t2"), ("acme", "t9"), ("acme", "t1")]:
+        store.save(make_snapshot(1, tenant, task_id))
+    store.save(make_snapshot(2, "acme", "t1"))  # usage counts the live version only
+    assert store.list_ids() == [("acme", "t1"), ("acme", "t9"), ("beta", "t2")]
+    assert store.list_ids("beta") == [("beta", "t2")]
+    assert store.list_ids("nobody") == []
+    usage = store.usage()
+    assert set(usage) == {"acme", "beta"}
+    assert (usage["acme"]["tasks"], usage["beta"]["tasks"]) == (2, 1)
+    one_task = sum(a.nbytes for a in make_snapshot(1).arrays.values())
+    assert one_task < usage["beta"]["bytes"] < 2 * one_task + 4096
+    assert 2 * one_task < usage["acme"]["bytes"] < 3 * one_task + 8192
+
+
+def test_tenants_are_separate_namespaces(store: TaskStore) -> None:
+    store.save(make_snapshot(1, "acme", "cats"))
+    store.save(make_snapshot(5, "beta", "cats"))
+    assert store.live_version("acme", "cats") == 1
+    assert store.live_version("beta", "cats") == 5
+    assert store.load("gamma", "cats") is None
+    assert store.delete("gamma", "cats") is False
+    assert store.delete("beta", "cats") is True
+    assert_identical(store.load("acme", "cats"), make_snapshot(1, "acme", "cats"))
+
+
+BAD_IDS = ["", ".", "..", "../etc", "a/b", "a\\b", "x" * 65, "a\n", "tâche", "a b", "a\x00b", ".damaged", "a'b"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_tenant_and_task_ids_are_refused_everywhere(backend: Backend, store: TaskStore, bad: str) -> None:
+    for call in (
+        *(lambda: store.save(make_snapshot(1, tenant=bad)), lambda: store.save(make_snapshot(1, task_id=bad))),
+        *(lambda: store.load(bad, "cats"), lambda: store.load("acme", bad), lambda: store.list_ids(bad)),
+        *(lambda: store.live_version(bad, "cats"), lambda: store.live_version("acme", bad)),
+        *(lambda: store.delete(bad, "cats"), lambda: store.delete("acme", bad)),
+    ):
+        with pytest.raises(ValueError, match=r"tenant|task id"):
+            call()
+    assert backend.residue() == []
+
+
+@pytest.mark.parametrize("bad", ["", "/etc/passwd", "..", "a/../b", "a\\b", "a b", "x" * 201, "ключ", "a:b"])
+def test_bad_array_names_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="array name"):
+        TaskSnapshot("acme", "cats", 1, {}, {bad: np.zeros(1)})
+
+
+# --- damage is reported, never raised from load_all ------------------------------------------------
+
+DAMAGE_REASONS = {
+    "local": {
+        "truncated": "bytes, the manifest says",
+        "flipped": "checksum mismatch in a0000.npy",
+        "missing": "missing file a0001.npy",
+        "meta": "checksum mismatch in meta.json",
+    },
+    "postgres": {
+        "truncated": "array 'keys' is 100 bytes, its row says",
+        "flipped": "checksum mismatch in array 'keys'",
+        "missing": "array 'labels': its blob .* is missing",
+        "meta": "checksum mismatch in meta",
+    },
+}
+
+
+@pytest.mark.parametrize("kind", ["truncated", "flipped", "missing", "meta"])
+def test_a_damaged_task_is_reported_while_others_load(backend: Backend, store: TaskStore, kind: str) -> None:
+    store.save(make_snapshot(2, "acme", "broken"))
+    store.save(make_snapshot(1, "beta", "t2"))
+    backend.damage(kind, "acme", "broken")
+    reason = DAMAGE_REASONS[backend.name][kind]
+
+    with pytest.raises(DamagedTaskError, match=reason) as raised:
+        store.load("acme", "broken")
+    assert (raised.value.damaged.tenant, raised.value.damaged.task_id) == ("acme", "broken")
+    restored, damaged = backend.open().load_all()
+
+    assert [(s.tenant, s.task_id) for s in restored] == [("beta", "t2")]
+    assert_identical(restored[0], make_snapshot(1, "beta", "t2"))
+    assert [(d.tenant, d.task_id) for d in damaged] == [("acme", "broken")]
+    assert json.dumps(damaged[0].reason)  # a plain, reportable string
+    assert damaged[0].location
+    # Damage never blocks the id: after a delete (or the local store's quarantine) a new task takes it.
+    store.delete("acme", "broken")
+    store.save(make_snapshot(1, "acme", "broken"))
+    assert_identical(store.load("acme", "broken"), make_snapshot(1, "acme", "broken"))
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+def test_reads_during_updates_see_one_whole_version(backend: Backend, store: TaskStore) -> None:
+    store.save(make_snapshot(1))
+    reader = backend.open()  # another replica, for a shared backend
+    versions_seen: list[int] = []
+
+    def update() -> None:
+        for version in range(2, 26):
+            store.save(make_snapshot(version))
+
+    writer = threading.Thread(target=update)
+    writer.start()
+    while writer.is_alive() or not versions_seen:
+        snapshot = reader.load("acme", "cats")
+        assert snapshot is not None
+        assert_identical(snapshot, make_snapshot(snapshot.version))
+        versions_seen.append(snapshot.version)
+    writer.join()
+    assert versions_seen == sorted(versions_seen)  # never goes back to an older version
+    assert reader.live_version("acme", "cats") == 25
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_concurrent_saves_of_one_version_one_wins_the_others_conflict(
+    backend: Backend, store: TaskStore, start: int
+) -> None:
+    if start:
+        store.save(make_snapshot(start))
+    # Six writers built version start+1 from the same state: six replicas where the backend is shared,
+    # six threads of the one process that owns a local directory.
+    writers = [backend.open() if backend.shared else store for _ in range(6)]
+    barrier = threading.Barrier(len(writers))
+    outcomes: dict[int, str | int | None] = {}
+
+    def write(number: int, writer: TaskStore) -> None:
+        snapshot = make_snapshot(start + 1)
+        mine = TaskSnapshot("acme", "cats", start + 1, {**snapshot.meta, "writer": number}, snapshot.arrays)
+        barrier.wait(10)
+        try:
+            writer.save(mine)
+            outcomes[number] = "won"
+        except VersionConflict as conflict:
+            outcomes[number] = conflict.live
+
+    threads = [threading.Thread(target=write, args=item) for item in enumerate(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    winners = [number for number, outcome in outcomes.items() if outcome == "won"]
+    assert len(winners) == 1, outcomes
+    assert sorted(outcome for outcome in outcomes.values() if outcome != "won") == [start + 1] * (len(writers) - 1)
+    loaded = backend.open().load("acme", "cats")
+    assert loaded is not None
+    assert (loaded.version, loaded.meta["writer"]) == (start + 1, winners[0])
