@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.encoder import ClassPrompts
+from app.fewshot import TaskSupports
 from cache_models import CacheMethod
 
 FloatArray = npt.NDArray[np.float32]
@@ -82,10 +83,8 @@ class Task:
     views: int
     templates: tuple[str, ...]
     classes: tuple[ClassPrompts, ...]
-    shot_features: FloatArray  # [S * views, d], rows s*views .. of shot s
-    shot_labels: IntArray  # [S]
+    supports: TaskSupports  # the shots' features, labels and class text, shared read-only by every fit
     shot_seeds: IntArray  # [S], the augmentation seed of each shot
-    text: FloatArray  # [N, d]
     fits: Mapping[str, MethodFit]
     method: str  # what classify uses unless told otherwise
     method_requested: str  # what the client asked for ("auto", a method name, or "default")
@@ -95,9 +94,24 @@ class Task:
         return (self.tenant, self.task_id)
 
     @property
+    def shot_features(self) -> FloatArray:
+        """[S * views, d] in shot order (rows s*views .. of shot s); a fresh array on every call."""
+        return self.supports.view_features()
+
+    @property
+    def shot_labels(self) -> IntArray:
+        """[S] in shot order."""
+        return self.supports.shot_labels()
+
+    @property
+    def text(self) -> FloatArray:
+        """[N, d] class text weights."""
+        return self.supports.text
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the arrays this task holds (what a memory budget counts)."""
-        return int(self.shot_features.nbytes + self.text.nbytes + self.shot_labels.nbytes + self.shot_seeds.nbytes)
+        """Bytes of the shared support (what a memory budget counts; the fits add their own state)."""
+        return self.supports.nbytes + int(self.shot_seeds.nbytes)
 
     @property
     def class_names(self) -> list[str]:
