@@ -59,7 +59,7 @@ def select_renormalised(x: FloatArray, channels: IntArray) -> FloatArray:
 
     Works in place on the (fresh) selection: no second [n, channels] array.
     """
-    out: FloatArray = x[:, channels]
+    out: FloatArray = np.take(x, channels, axis=1)  # C order: the key search uses it without a copy
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
     return out
 

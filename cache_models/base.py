@@ -9,7 +9,9 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from ._validation import FloatArray, IntArray, Support, as_features, make_support
+from ._validation import FloatArray, IntArray, as_features
+from ._validation import Support as Support  # re-exported: callers share one support among methods
+from ._validation import make_support as make_support
 from .few_shot import few_shot_choice
 from .tuning import LooScorer, TuneReport, scored_rows, search
 
@@ -32,9 +34,16 @@ class CacheMethod(ABC):
 
     Hyper-parameters are numbers: `scale` (logit scale) and `tau` must be positive, integers in
     `integer_params` are >= 0, every other value is >= 0.
+
+    `per_view` says what support the method wants when shots are encoded under several augmented
+    views: False (most methods) one key per shot, the re-normalised mean of its views; True (GDA)
+    every view a row of its own, grouped by shot. Callers build the support accordingly (app/fewshot.py)
+    and may fit many methods on one `Support` (`fit_support`, `tune_support`): a fitted method keeps a
+    reference to it, never a copy.
     """
 
     name: ClassVar[str]
+    per_view: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, HyperValue]]
     tunable: ClassVar[frozenset[str]] = frozenset()
     integer_params: ClassVar[frozenset[str]] = frozenset()
@@ -87,7 +96,10 @@ class CacheMethod(ABC):
         `groups` [M] says which shot each row comes from (views of one shot share a group); it only
         matters to leave-one-out, which masks a whole group at once.
         """
-        support = make_support(keys, labels, text, groups)
+        return self.fit_support(make_support(keys, labels, text, groups))
+
+    def fit_support(self, support: Support) -> Self:
+        """`fit` on an already validated (possibly shared, read-only) support."""
         self._fit(support)
         self._support = support
         return self
@@ -151,7 +163,12 @@ class CacheMethod(ABC):
         class, the method's few-shot rule competes with the search's pick (cache_models.few_shot).
         The report is `tune_report`.
         """
-        support = make_support(keys, labels, text, groups)
+        return self.tune_support(make_support(keys, labels, text, groups), grid)
+
+    def tune_support(
+        self, support: Support, grid: Mapping[str, Sequence[HyperValue]] | None = None
+    ) -> dict[str, HyperValue]:
+        """`tune` on an already validated (possibly shared, read-only) support."""
         if grid is not None:
             search_grid = self._checked_grid(grid)
             stages: Sequence[Sequence[str]] = [list(search_grid)]
@@ -267,10 +284,19 @@ class CacheMethod(ABC):
         missing = sorted(set(SUPPORT_ARRAYS) - set(state))
         if missing:
             raise ValueError(f"{self.name}: state lacks {missing}")
-        support = make_support(state["keys"], state["labels"], state["text"], state["groups"])
+        return self.restore_support(make_support(state["keys"], state["labels"], state["text"], state["groups"]), state)
+
+    def restore_support(self, support: Support, state: Mapping[str, np.ndarray]) -> Self:
+        """`set_state` on an already validated support: `state` needs only the method's own arrays
+        (`extra_state`), not the support's."""
         self._restore(support, state)
         self._support = support
         return self
+
+    def extra_state(self) -> dict[str, np.ndarray]:
+        """The arrays of `get_state` that are the method's own (not its support's)."""
+        self._require_fitted()
+        return self._extra_state()
 
     def _extra_state(self) -> dict[str, np.ndarray]:
         return {}

@@ -146,6 +146,7 @@ class GDA(CacheMethod):
     name = "gda"
     defaults: ClassVar[Mapping[str, HyperValue]] = {"alpha": 1.0, "scale": DEFAULT_SCALE}
     tunable = frozenset({"alpha"})
+    per_view = True  # each augmented view is a sample of its class's Gaussian
 
     def _fit(self, support: Support) -> None:
         means, _ = class_means(support)

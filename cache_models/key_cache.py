@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Self
 
 import numpy as np
@@ -45,22 +44,6 @@ class KeyCacheMethod(CacheMethod):
         if top_k is None or top_k >= len(self._index):
             return self._index.affinity(queries), None
         return self._index.search(queries, top_k)
-
-    def _extra_state(self) -> dict[str, np.ndarray]:
-        return {"index": self._index.to_bytes()}
-
-    def _restore(self, support: Support, state: Mapping[str, np.ndarray]) -> None:
-        """Refit (cheap for a flat index), then adopt the stored FAISS index if it holds exactly the
-        keys the fit derived: a stored index that disagrees with the stored keys is damage."""
-        super()._restore(support, state)
-        self._adopt_stored_index(state)
-
-    def _adopt_stored_index(self, state: Mapping[str, np.ndarray]) -> None:
-        if "index" in state:
-            stored = KeyIndex.from_bytes(state["index"], dim=self._index.dim, count=len(self._index))
-            if not np.array_equal(stored.vectors(), self._index.vectors()):
-                raise ValueError(f"{self.name}: the stored FAISS index does not hold the stored keys")
-            self._index = stored
 
     def _single_shot_fallback(self, support: Support) -> TuneReport:
         zero_shot = (self.scale * (support.keys @ support.text.T)).astype(np.float32)

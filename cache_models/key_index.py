@@ -1,8 +1,10 @@
-"""The cache's keys, held in a FAISS inner-product index.
+"""The cache's keys and their exact nearest-neighbour search (FAISS), without a copy of the keys.
 
-Exact prediction needs the affinity of a query with every key, which is one GEMM against the index's
-own storage (no copy, no sort). `top_k` search is FAISS's exact k-NN, used when only the nearest keys
-should count.
+Exact prediction needs the affinity of a query with every key: one GEMM against the keys. `top_k`
+search is FAISS's exact brute-force k-NN (`faiss.knn`, inner product), run directly on the keys
+array: no `IndexFlatIP` is built, because a flat index only holds a second copy of the same floats.
+So every method fitted on one support searches the support's own (read-only) keys, and a task's
+keys are held in memory once, however many methods are fitted on them.
 """
 
 from __future__ import annotations
@@ -14,64 +16,36 @@ from ._validation import FloatArray, IntArray
 
 
 class KeyIndex:
-    """An `IndexFlatIP` over L2-normalised keys; inner product == cosine similarity."""
+    """Read-only L2-normalised keys [M, d]; inner product == cosine similarity."""
 
-    def __init__(self, dim: int) -> None:
-        self._index = faiss.IndexFlatIP(dim)
+    def __init__(self, keys: FloatArray) -> None:
+        self._keys = np.ascontiguousarray(keys, dtype=np.float32)  # no copy for a support's own keys
 
     @classmethod
     def from_keys(cls, keys: FloatArray) -> KeyIndex:
-        out = cls(int(keys.shape[1]))
-        out.add(keys)
-        return out
-
-    def to_bytes(self) -> np.ndarray:
-        """The index serialised by FAISS (uint8), for the caller to persist."""
-        blob: np.ndarray = faiss.serialize_index(self._index)
-        return blob
-
-    @classmethod
-    def from_bytes(cls, blob: np.ndarray, *, dim: int, count: int) -> KeyIndex:
-        """An index from `to_bytes` output; ValueError unless it is a flat IP index of [count, dim]."""
-        try:
-            index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
-        except RuntimeError as exc:  # FAISS reports unreadable data as RuntimeError
-            raise ValueError(f"stored FAISS index is unreadable: {exc}") from None
-        if not isinstance(index, faiss.IndexFlatIP) or index.d != dim or index.ntotal != count:
-            raise ValueError(
-                f"stored FAISS index is a {type(index).__name__} of {index.ntotal} x {index.d}, "
-                f"expected IndexFlatIP of {count} x {dim}"
-            )
-        out = cls(dim)
-        out._index = index
-        return out
+        return cls(keys)
 
     @property
     def dim(self) -> int:
-        return int(self._index.d)
+        return int(self._keys.shape[1])
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
-
-    def add(self, keys: FloatArray) -> None:
-        if keys.shape[0]:
-            self._index.add(np.ascontiguousarray(keys, dtype=np.float32))
+        return int(self._keys.shape[0])
 
     def vectors(self) -> FloatArray:
-        """A read-only view of the stored keys [M, d] (FAISS's own buffer, no copy)."""
-        n, d = len(self), self.dim
-        if n == 0:
-            return np.zeros((0, d), dtype=np.float32)
-        view: FloatArray = faiss.rev_swig_ptr(self._index.get_xb(), n * d).reshape(n, d)
+        """A read-only view of the keys [M, d] (the array searched; no copy)."""
+        view = self._keys.view()
         view.flags.writeable = False
         return view
 
     def affinity(self, queries: FloatArray) -> FloatArray:
         """Cosine of every query with every key, [Q, M]."""
-        return queries @ self.vectors().T
+        return queries @ self._keys.T
 
     def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
         """The k largest affinities per query and their key ids (exact search, k <= M)."""
         k = min(k, len(self))
-        sims, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        sims, ids = faiss.knn(
+            np.ascontiguousarray(queries, dtype=np.float32), self._keys, k, metric=faiss.METRIC_INNER_PRODUCT
+        )
         return sims.astype(np.float32), ids.astype(np.int64)

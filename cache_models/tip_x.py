@@ -17,6 +17,7 @@ float32 sum does not cancel large numbers.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -273,7 +274,11 @@ class TipX(IncrementalCacheMethod):
         return _Frozen(support, tau, psi)
 
     def _fit(self, support: Support, psi: PsiRange | None = None) -> None:
-        frozen = self._derive(support, psi)
+        frozen = copy.copy(self._derive(support, psi))
+        # predict needs only the keys' offsets: their [M, d] posterior mix serves leave-one-out alone,
+        # and keeping it would hold a second copy of the keys' size per task.
+        empty = np.zeros((0, support.dim), dtype=np.float32)
+        frozen.keys = Posterior(empty, frozen.keys.offset, frozen.keys.self_term)
         self._pending = None
         self._index = KeyIndex.from_keys(support.keys)
         self._frozen = frozen
@@ -325,4 +330,3 @@ class TipX(IncrementalCacheMethod):
         if stored.shape == (5,) and np.all(np.isfinite(stored)) and stored[4] == float(self._hp["tau"]):
             psi = PsiRange(*(float(v) for v in stored[:4]))
         self._fit(support, psi)
-        self._adopt_stored_index(state)

@@ -6,12 +6,12 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
-from app.fewshot import build_method
+from app.fewshot import TaskSupports, fit_method
 from cache_models import METHODS, CacheMethod
 from cache_models.selection import pick_best
 
 from .requests import AUTO
-from .task import FloatArray, IntArray, MethodFit, abstain_threshold
+from .task import MethodFit, abstain_threshold
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +34,12 @@ def method_fit(method: CacheMethod) -> MethodFit:
     )
 
 
-def fit_methods(
-    view_features: FloatArray,
-    shot_labels: IntArray,
-    text: FloatArray,
-    views: int,
-    *,
-    scale: float,
-    methods: Sequence[str] = METHODS,
-) -> dict[str, MethodFit]:
-    """Tune each method by leave-one-out on the shots (no re-encoding: one affinity per method)."""
+def fit_methods(supports: TaskSupports, *, scale: float, methods: Sequence[str] = METHODS) -> dict[str, MethodFit]:
+    """Tune each method by leave-one-out on the task's shared support (no re-encoding, no copies)."""
     fits = {}
     for name in methods:
         started = time.monotonic()
-        method = build_method(name, view_features, shot_labels, text, views, scale=scale)
+        method = fit_method(name, supports, scale=scale)
         fits[name] = method_fit(method)
         log.debug("tuned %s in %.2f s: %s", name, time.monotonic() - started, fits[name].summary())
     return fits

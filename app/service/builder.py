@@ -15,7 +15,7 @@ from PIL import Image
 from app import thumbnails
 from app.encoder import ClassPrompts, Encoder
 from app.encoder.preprocess import Pixels, Preprocessor
-from app.fewshot import build_method
+from app.fewshot import fit_method, make_supports
 from app.images import ImageLimits, decode_image
 from cache_models import METHODS
 
@@ -94,10 +94,13 @@ class TaskBuilder:
             views=request.views,
             templates=templates,
             classes=classes,
-            shot_features=features,
-            shot_labels=np.array([names.index(label) for label in request.labels], dtype=np.int64),
+            supports=make_supports(
+                features,
+                np.array([names.index(label) for label in request.labels], dtype=np.int64),
+                self._text_weights(classes, templates),
+                request.views,
+            ),
             shot_seeds=np.array(seeds, dtype=np.int64),
-            text=self._text_weights(classes, templates),
             thumbnail_data=thumbs[0],
             thumbnail_offsets=thumbs[1],
             fits={},
@@ -126,12 +129,13 @@ class TaskBuilder:
             version=old.version + 1,
             updated_at=time.time(),
             classes=old.classes + request.new_classes,
-            shot_features=np.concatenate([old.shot_features, features]),
-            shot_labels=np.concatenate(
-                [old.shot_labels, np.array([all_names.index(n) for n in request.labels], np.int64)]
+            supports=make_supports(
+                np.concatenate([old.shot_features, features]),
+                np.concatenate([old.shot_labels, np.array([all_names.index(n) for n in request.labels], np.int64)]),
+                text,
+                old.views,
             ),
             shot_seeds=np.concatenate([old.shot_seeds, np.array(seeds, dtype=np.int64)]),
-            text=text,
             backend=self.encoder.backend,
             thumbnail_data=thumbs[0],
             thumbnail_offsets=thumbs[1],
@@ -160,11 +164,10 @@ class TaskBuilder:
         """Tune every method on the task's shots (`target` fitted at `hyperparams` if given) and choose
         the one classify uses."""
         scale = self.encoder.logit_scale
-        args = (task.shot_features, task.shot_labels, task.text, task.views)
         if hyperparams is not None:
-            fixed = build_method(target, *args, scale=scale, hyperparams=dict(hyperparams))
-            fits = fit_methods(*args, scale=scale, methods=[m for m in METHODS if m != target])
+            fixed = fit_method(target, task.supports, scale=scale, hyperparams=dict(hyperparams))
+            fits = fit_methods(task.supports, scale=scale, methods=[m for m in METHODS if m != target])
             fits[target] = method_fit(fixed)
         else:
-            fits = fit_methods(*args, scale=scale)
+            fits = fit_methods(task.supports, scale=scale)
         return replace(task, fits=fits, method=choose_method(target, fits, self.default_method))

@@ -1,7 +1,9 @@
 """Task <-> store snapshot. The store is schema-agnostic; this module is the schema.
 
-Shared arrays are stored once; each method adds only the state that is its own (e.g. its FAISS index,
-serialised), since its keys, labels and groups are derived from the shared arrays exactly as at build.
+The shots (features in shot order, labels, seeds) and the class text are stored once; each method adds
+only the state that is its own (`CacheMethod.extra_state`, e.g. Tip-X's psi constants), since its
+support is rebuilt from the shared arrays exactly as at build. Nothing else is stored: no FAISS index
+(search runs on the support's keys), no derived copy of the keys.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from typing import Any
 import numpy as np
 
 from app.encoder import ClassPrompts
-from app.fewshot import method_inputs
+from app.fewshot import make_supports
 from app.store import TaskSnapshot
 from cache_models import get_method
-from cache_models.base import SUPPORT_ARRAYS
 
 from .task import MethodFit, Task
 
@@ -32,9 +33,8 @@ def to_snapshot(task: Task) -> TaskSnapshot:
     }
     methods_meta = {}
     for name, fit in task.fits.items():
-        for key, value in fit.method.get_state().items():
-            if key not in SUPPORT_ARRAYS:
-                arrays[f"method/{name}/{key}"] = value
+        for key, value in fit.method.extra_state().items():
+            arrays[f"method/{name}/{key}"] = value
         arrays[f"loo/{name}/labels"] = fit.loo_labels
         arrays[f"loo/{name}/predicted"] = fit.loo_predicted
         methods_meta[name] = {
@@ -73,15 +73,13 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
     labels = np.asarray(arrays["shot_labels"], dtype=np.int64)
     text = np.asarray(arrays["text"], dtype=np.float32)
     views = int(meta["views"])
+    supports = make_supports(features, labels, text, views)
     fits = {}
     for name, info in meta["methods"].items():
         cls = get_method(name)
-        method = cls(**info["hyperparams"])
-        keys, method_labels, groups = method_inputs(name, features, labels, views)
         prefix = f"method/{name}/"
         state = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
-        state.update({"keys": keys, "labels": method_labels, "groups": groups, "text": text})
-        method.set_state(state)
+        method = cls(**info["hyperparams"]).restore_support(supports.for_method(cls), state)
         fits[name] = MethodFit(
             method=method,
             loo_accuracy=info["loo_accuracy"],
@@ -108,10 +106,8 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         views=views,
         templates=tuple(meta["templates"]),
         classes=tuple(ClassPrompts(c["name"], tuple(c["prompts"]), bool(c["templates"])) for c in meta["classes"]),
-        shot_features=features,
-        shot_labels=labels,
+        supports=supports,
         shot_seeds=np.asarray(arrays["shot_seeds"], dtype=np.int64),
-        text=text,
         fits=fits,
         method=str(meta["method"]),
         method_requested=str(meta["method_requested"]),

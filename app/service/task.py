@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from app import thumbnails
 from app.encoder import ClassPrompts
-from app.fewshot import shot_keys
+from app.fewshot import TaskSupports
 from cache_models import CacheMethod
 from cache_models.evidence import nearest_shots
 
@@ -95,34 +95,42 @@ class Task:
     views: int
     templates: tuple[str, ...]
     classes: tuple[ClassPrompts, ...]
-    shot_features: FloatArray  # [S * views, d], rows s*views .. of shot s
-    shot_labels: IntArray  # [S]
+    supports: TaskSupports  # the shots' features, labels and class text, shared read-only by every fit
     shot_seeds: IntArray  # [S], the augmentation seed of each shot
-    text: FloatArray  # [N, d]
     fits: Mapping[str, MethodFit]
     method: str  # what classify uses unless told otherwise
     method_requested: str  # what the client asked for ("auto", a method name, or "default")
+    # One small JPEG per shot (app.thumbnails' pack); empty for tasks stored before thumbnails existed.
+    thumbnail_data: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
+    thumbnail_offsets: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.tenant, self.task_id)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the arrays this task holds (what a memory budget counts)."""
-        arrays = (self.shot_features, self.text, self.shot_labels, self.shot_seeds, self.thumbnail_data)
-        return int(sum(a.nbytes for a in arrays))
+    def shot_features(self) -> FloatArray:
+        """[S * views, d] in shot order (rows s*views .. of shot s); a fresh array on every call."""
+        return self.supports.view_features()
 
-    # One small JPEG per shot (app.thumbnails' pack); empty for tasks stored before thumbnails existed.
-    thumbnail_data: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
-    thumbnail_offsets: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
+    @property
+    def shot_labels(self) -> IntArray:
+        """[S] in shot order."""
+        return self.supports.shot_labels()
+
+    @property
+    def text(self) -> FloatArray:
+        """[N, d] class text weights."""
+        return self.supports.text
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shared support and the thumbnails (what a memory budget counts; the fits add their own
+        state)."""
+        return self.supports.nbytes + int(self.shot_seeds.nbytes + self.thumbnail_data.nbytes)
 
     def thumbnail(self, shot: int) -> bytes | None:
         return thumbnails.thumbnail(self.thumbnail_data, self.thumbnail_offsets, shot)
-
-    def shot_keys(self) -> FloatArray:
-        """One unit vector per shot: its views' mean direction."""
-        return shot_keys(self.shot_features, int(self.shot_labels.shape[0]), self.views)
 
     @property
     def class_names(self) -> list[str]:
@@ -138,11 +146,16 @@ class Task:
         fit = self.fits[method or self.method]
         near: list[list[tuple[int, str, float]] | None] = [None] * features.shape[0]
         if evidence > 0:
-            index, cosine = nearest_shots(features, self.shot_keys(), evidence)
+            # The per-shot support's keys are label-sorted; source_rows maps them back to shot ids.
+            per_shot = self.supports.per_shot
+            index, cosine = nearest_shots(features, per_shot.keys, evidence)
             names_of = self.class_names
             near = [
-                [(int(s), names_of[int(self.shot_labels[s])], float(c)) for s, c in zip(ids, cos, strict=True)]
-                for ids, cos in zip(index, cosine, strict=True)
+                [
+                    (int(per_shot.source_rows[r]), names_of[int(per_shot.labels[r])], float(c))
+                    for r, c in zip(rows, cos, strict=True)
+                ]
+                for rows, cos in zip(index, cosine, strict=True)
             ]
         logits = fit.method.predict(features).astype(np.float64) / fit.temperature
         logits -= logits.max(axis=1, keepdims=True)

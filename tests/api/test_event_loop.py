@@ -18,6 +18,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from app.encoder import ClassPrompts
+from app.fewshot import make_supports
 from app.service import Task
 from app.service.build import method_fit
 from cache_models import TipAdapter
@@ -47,8 +48,8 @@ def big_task(service: Any) -> Task:
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     labels = np.repeat(np.arange(CLASSES, dtype=np.int64), SHOTS)
-    keys, text = unit(CLASSES * SHOTS), unit(CLASSES)
-    method = GatedTipAdapter(alpha=1.0, beta=5.5, scale=service.encoder.logit_scale).fit(keys, labels, text)
+    supports = make_supports(unit(CLASSES * SHOTS), labels, unit(CLASSES), views=1)
+    method = GatedTipAdapter(alpha=1.0, beta=5.5, scale=service.encoder.logit_scale).fit_support(supports.per_shot)
     now = time.time()
     return Task(
         tenant="public",
@@ -62,10 +63,8 @@ def big_task(service: Any) -> Task:
         views=1,
         templates=("a photo of a {}.",),
         classes=tuple(ClassPrompts(f"class {i}") for i in range(CLASSES)),
-        shot_features=keys,
-        shot_labels=labels,
+        supports=supports,
         shot_seeds=np.zeros(CLASSES * SHOTS, dtype=np.int64),
-        text=text,
         fits={"tip-adapter": method_fit(method)},
         method="tip-adapter",
         method_requested="tip-adapter",
