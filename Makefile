@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install clean wheelhouse
+.PHONY: serve test lint install clean wheelhouse system-packages docker-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# What the tests need from Debian (as root, only what is missing): Chromium for the page's browser tests.
+# PostgreSQL is installed by its own test fixture (tests/stores/postgres_server.py), which keeps Debian's
+# package from creating and starting a cluster of its own.
+SYSTEM_PACKAGES := chromium
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	elif [ -n "$$missing" ]; then echo "not installed (their tests skip): $$missing"; fi
+
+test: lint system-packages
 	$(BIN)/python -m pytest
+
+# The container image's full proof (build, run, restart, memory; minutes): docker/README.md.
+docker-test:
+	docker/test-image.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
