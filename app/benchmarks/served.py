@@ -159,8 +159,20 @@ def _image(pixels: Any) -> Any:
     return Image.fromarray(pixels)
 
 
-def drive(base: str, task_id: str, probes: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
-    """`concurrency` threads each POSTing one-image classify requests back to back for `seconds`."""
+BODIES = ("multipart", "raw")  # a one-image multipart form; the image as the body (Content-Type: image/jpeg)
+
+
+def _post_probe(client: httpx.Client, url: str, probe: bytes, body: str) -> httpx.Response:
+    if body == "raw":
+        return client.post(url, content=probe, headers={"Content-Type": "image/jpeg"})
+    return client.post(url, files=[("images", ("probe.jpg", probe, "image/jpeg"))])
+
+
+def drive(
+    base: str, task_id: str, probes: list[bytes], concurrency: int, seconds: float, body: str = "multipart"
+) -> dict[str, Any]:
+    """`concurrency` threads each POSTing one-image classify requests (`body`: one of BODIES) back to back
+    for `seconds`."""
     latencies: list[float] = []
     failures: list[int] = []
     lock = threading.Lock()
@@ -172,12 +184,12 @@ def drive(base: str, task_id: str, probes: list[bytes], concurrency: int, second
             url = f"/v1/tasks/{task_id}/classify"
             i = offset
             for _ in range(2):  # warm-up: connection and the first batch
-                client.post(url, files=[("images", ("probe.jpg", probes[i % len(probes)], "image/jpeg"))])
+                _post_probe(client, url, probes[i % len(probes)], body)
             start_barrier.wait()
             while time.perf_counter() < deadline[0]:
                 i += concurrency
                 t0 = time.perf_counter()
-                response = client.post(url, files=[("images", ("probe.jpg", probes[i % len(probes)], "image/jpeg"))])
+                response = _post_probe(client, url, probes[i % len(probes)], body)
                 elapsed = time.perf_counter() - t0
                 with lock:
                     (
@@ -207,6 +219,7 @@ def drive(base: str, task_id: str, probes: list[bytes], concurrency: int, second
     batch_images = _sample(delta, "shotcache_encode_batch_images_sum")
     return {
         "concurrency": concurrency,
+        "body": body,
         "requests": len(latencies),
         "failures": len(failures),
         "throughput": len(latencies) / wall,
@@ -235,7 +248,8 @@ def bench_server(config: BenchConfig, model: str, backend: str, encoder: dict[st
             build_s = time.perf_counter() - started
             response.raise_for_status()
             task = response.json()
-        runs = [drive(server.base, task["id"], probes, c, config.serve_seconds) for c in (1, 8)]
+        bodies = BODIES[:1] if config.quick else BODIES
+        runs = [drive(server.base, task["id"], probes, c, config.serve_seconds, b) for b in bodies for c in (1, 8)]
         memory = peak_rss_mb(server.process.pid)
     finally:
         server.stop()
@@ -282,6 +296,7 @@ def served_markdown(result: dict[str, Any]) -> str:
                 [
                     r["model"],
                     f"{r['backend']} → {r['used']}",
+                    run.get("body", "multipart"),
                     run["concurrency"],
                     f"{run['throughput']:.1f}",
                     vs_raw,
@@ -298,6 +313,7 @@ def served_markdown(result: dict[str, Any]) -> str:
         [
             "model",
             "backend",
+            "request body",
             "clients",
             "img/s",
             "of raw encoder",
@@ -310,7 +326,7 @@ def served_markdown(result: dict[str, Any]) -> str:
             "errors",
         ],
         rows,
-        "ll" + "r" * 10,
+        "lll" + "r" * 10,
     )
     build_rows = [
         [
