@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from .conftest import BASE_CLASSES, BASE_SHOTS, Shot, accuracy, cifar_images, classify, create_task
 
-METHODS = ("zero-shot", "tip-adapter", "tip-x", "ape", "gda")
+METHODS = ("zero-shot", "tip-adapter", "tip-x", "ape", "gda", "proker")
 OTHER_CLASSES = ("deer", "frog", "ship", "truck")  # not in the task: out-of-distribution for abstaining
 
 # Measured with the offline stand-in on 4 classes x 6 shots, 10 held-out images per class: the default
