@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from app.cli import build_parser as build_service_parser
-from app.cli import configure_logging
+from app.cli import cmd_serve, configure_logging, setting_overrides, settings_from_args
 
 from .client import DEFAULT_URL, Progress, ShotcacheClient, ShotcacheError
 from .schemas import BuildOut, ClassifyOut, TaskList, TaskOut
@@ -184,9 +184,23 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
     raise RuntimeError("app.cli's parser has no sub-commands")
 
 
+def cmd_serve_any_engine(args: argparse.Namespace) -> int:
+    """`serve`: the single-process engine from app.cli, or `--engine ray` (api.ray_serve, extra `ray`)."""
+    if args.engine != "ray":
+        return cmd_serve(args)
+    try:
+        from .ray_serve import serve_with_ray
+    except ImportError as error:
+        print(f"--engine ray needs Ray Serve ({error}): pip install 'shotcache[ray]'", file=sys.stderr)
+        return 2
+    serve_with_ray(settings_from_args(args), setting_overrides(args), replicas=args.replicas)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = build_service_parser()
     sub = _subcommands(parser)
+    sub.choices["serve"].set_defaults(func=cmd_serve_any_engine)
     task = sub.add_parser("task", help="create, list, show or delete tasks on a running service")
     task_sub = task.add_subparsers(dest="task_command", required=True)
 

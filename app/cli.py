@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -35,7 +34,7 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
+def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The settings given on the command line (they win over SHOTCACHE_ variables)."""
     given = {
         "model": getattr(args, "model", None),
@@ -47,8 +46,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(**_overrides(args))  # type: ignore[arg-type]
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(**setting_overrides(args))  # type: ignore[arg-type]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -56,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.datasets import load_folder_dataset
     from .evaluation.run import encode_dataset, evaluate, summary_table
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     dataset = load_folder_dataset(Path(args.data))
     encoder, fallback = create_encoder(settings)
     if fallback:
@@ -92,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_build_offline_model(args: argparse.Namespace) -> int:
     from .encoder.standin import build_standin, standin_dir
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     out = Path(args.out) if args.out else standin_dir(settings.data_dir)
     build_standin(out)
     if args.fit_scale_images:
@@ -106,17 +105,13 @@ def cmd_build_offline_model(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "ray":
-        try:
-            # Named, not imported at the top: the Ray engine is HTTP-layer code (api/), above app/.
-            serve_with_ray = importlib.import_module("api.ray_serve").serve_with_ray
-        except ImportError as error:
-            print(f"--engine ray needs Ray Serve ({error}): pip install 'shotcache[ray]'", file=sys.stderr)
-            return 2
-        serve_with_ray(_settings(args), _overrides(args), replicas=args.replicas)
-        return 0
+        # The Ray engine is HTTP-layer code (api/ray_serve.py, above this layer): the `shotcache` command
+        # (api.cli) runs it; this module's own entry point serves the single-process engine only.
+        print("--engine ray is run by the `shotcache` command (python -m api.cli serve --engine ray)", file=sys.stderr)
+        return 2
     from .server import serve
 
-    serve(_settings(args), _overrides(args))
+    serve(settings_from_args(args), setting_overrides(args))
     return 0
 
 
