@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from app.benchmarks import report
-from app.benchmarks.accuracy import bench_accuracy, bench_cache_cost, int8_gap
-from app.benchmarks.common import BACKENDS, BenchConfig
-from app.benchmarks.encoders import bench_decode, bench_encoders
-from app.benchmarks.memory import bench_memory
-from app.benchmarks.options import SECTIONS, add_arguments
-from app.benchmarks.served import bench_served, scrape
 from app.encoder.factory import available_backends
+from benchmarks import report
+from benchmarks.accuracy import bench_accuracy, bench_cache_cost, int8_gap
+from benchmarks.common import BACKENDS, BenchConfig
+from benchmarks.encoders import bench_decode, bench_encoders
+from benchmarks.memory import bench_memory
+from benchmarks.options import SECTIONS, add_arguments
+from benchmarks.served import bench_served, scrape
 from tests.conftest import dataset_dir
 
 
