@@ -1,5 +1,10 @@
-"""`shotcache`: the service's own commands (serve, eval, bench, build-offline-model, from app.cli) plus
-the client commands against a running service (`task create|list|show|delete`, `classify`)."""
+"""`shotcache`: the service's own commands (serve, eval, build-offline-model, from app.cli), the benchmark
+harness (`bench`, the top-level `benchmarks` package, extra `bench`) and the client commands against a running
+service (`task create|list|show|delete`, `classify`; api/client.py, extra `client`).
+
+The optional parts are imported when their command runs, so `shotcache serve` needs neither httpx nor the
+benchmarks; a missing extra is named in the error.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,20 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from app.cli import build_parser as build_service_parser
 from app.cli import cmd_serve, configure_logging, setting_overrides, settings_from_args
 
-from .client import DEFAULT_URL, Progress, ShotcacheClient, ShotcacheError
 from .schemas import BuildOut, ClassifyOut, TaskList, TaskOut
+
+if TYPE_CHECKING:
+    from .client import Progress, ShotcacheClient
+
+ClientCommand = Callable[[argparse.Namespace, "ShotcacheClient"], int]
 
 
 def _percent(value: float | None) -> str:
@@ -53,8 +63,45 @@ def progress_bars(enabled: bool) -> Iterator[Progress | None]:
             bar.close()
 
 
-def _client(args: argparse.Namespace) -> ShotcacheClient:
-    return ShotcacheClient(args.url, api_key=args.api_key or None)
+def _with_client(func: ClientCommand) -> Callable[[argparse.Namespace], int]:
+    """A client command: runs `func` with a client of the service; a service error is printed (exit 1)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            from .client import DEFAULT_URL, ShotcacheClient, ShotcacheError
+        except ImportError as error:
+            command = " ".join(c for c in (args.command, getattr(args, "task_command", None)) if c)
+            print(
+                f"`shotcache {command}` needs the HTTP client, extra `client` ({error}): "
+                "pip install 'shotcache[client]'",
+                file=sys.stderr,
+            )
+            return 2
+        url = args.url or os.environ.get("SHOTCACHE_URL") or DEFAULT_URL
+        try:
+            with ShotcacheClient(url, api_key=args.api_key or None) as client:
+                return func(args, client)
+        except ShotcacheError as exc:
+            print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`bench`: the benchmark harness (the top-level `benchmarks` package; extra `bench` for its HTTP load)."""
+    try:
+        import httpx  # noqa: F401  (the served section's load generator: checked here, not after minutes of runs)
+
+        from benchmarks.runner import run_benchmarks
+    except ImportError as error:
+        print(
+            f"`shotcache bench` needs the benchmark harness and its extra `bench` ({error}): "
+            "pip install 'shotcache[bench]' from a checkout (the `benchmarks` package sits beside app/)",
+            file=sys.stderr,
+        )
+        return 2
+    return run_benchmarks(args)
 
 
 def _task_summary(task: TaskOut) -> str:
@@ -74,8 +121,8 @@ def _task_summary(task: TaskOut) -> str:
     return "\n".join(lines)
 
 
-def cmd_task_create(args: argparse.Namespace) -> int:
-    with _client(args) as client, progress_bars(not args.quiet) as progress:
+def cmd_task_create(args: argparse.Namespace, client: ShotcacheClient) -> int:
+    with progress_bars(not args.quiet) as progress:
         result = client.create_task(
             folder=args.from_folder,
             name=args.name,
@@ -106,9 +153,8 @@ def _list_rows(listing: TaskList) -> list[list[str]]:
     return rows
 
 
-def cmd_task_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        listing = client.list_tasks()
+def cmd_task_list(args: argparse.Namespace, client: ShotcacheClient) -> int:
+    listing = client.list_tasks()
     if args.json:
         print(listing.model_dump_json(indent=2))
     elif not listing.tasks and not listing.building:
@@ -118,9 +164,8 @@ def cmd_task_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_task_show(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        task = client.get_task(args.task)
+def cmd_task_show(args: argparse.Namespace, client: ShotcacheClient) -> int:
+    task = client.get_task(args.task)
     if args.json:
         print(task.model_dump_json(indent=2))
     elif isinstance(task, BuildOut):
@@ -130,11 +175,10 @@ def cmd_task_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_task_delete(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        for task_id in args.tasks:
-            client.delete_task(task_id)
-            print(f"deleted {task_id}")
+def cmd_task_delete(args: argparse.Namespace, client: ShotcacheClient) -> int:
+    for task_id in args.tasks:
+        client.delete_task(task_id)
+        print(f"deleted {task_id}")
     return 0
 
 
@@ -148,8 +192,8 @@ def _classify_rows(answer: ClassifyOut) -> list[list[str]]:
     return rows
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    with _client(args) as client, progress_bars(not args.quiet and not args.json) as progress:
+def cmd_classify(args: argparse.Namespace, client: ShotcacheClient) -> int:
+    with progress_bars(not args.quiet and not args.json) as progress:
         answer = client.classify(
             args.task,
             list(args.images),
@@ -167,7 +211,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _connection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("SHOTCACHE_URL", DEFAULT_URL), help="the service (SHOTCACHE_URL)")
+    p.add_argument("--url", help="the service (default: SHOTCACHE_URL, else http://127.0.0.1:8000)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("SHOTCACHE_API_KEY"),
@@ -204,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     task = sub.add_parser("task", help="create, list, show or delete tasks on a running service")
     task_sub = task.add_subparsers(dest="task_command", required=True)
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, func: ClientCommand, help_text: str) -> argparse.ArgumentParser:
         p = task_sub.add_parser(name, help=help_text)
         _connection_options(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=_with_client(func))
         return p
 
     create = command("create", cmd_task_create, "create a task from a folder with one sub-folder per class")
@@ -228,7 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--method", help="use this method instead of the task's")
     classify.add_argument("--abstain", action="store_true", help="no label when below the task's threshold")
     classify.add_argument("--evidence", type=int, help="also return the k nearest shots per image")
-    classify.set_defaults(func=cmd_classify)
+    classify.set_defaults(func=_with_client(cmd_classify))
+
+    bench = sub.add_parser("bench", help="speed, memory and accuracy benchmarks (writes docs/benchmarks.md)")
+    bench.add_argument("--data-dir", type=Path, help="override SHOTCACHE_DATA_DIR (holds the stand-in and exports)")
+    try:
+        from benchmarks.options import add_arguments
+    except ImportError:  # no harness here: `bench` says what is missing when run
+        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    else:
+        add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -237,9 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(debug=args.verbose)
     try:
         result: int = args.func(args)
-    except ShotcacheError as exc:
-        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""`shotcache` command line: serve, eval, bench, build-offline-model."""
+"""`shotcache` command line: serve, eval, build-offline-model (api.cli adds the client commands and `bench`)."""
 
 from __future__ import annotations
 
@@ -115,12 +115,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmarks.runner import run_benchmarks
-
-    return run_benchmarks(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shotcache", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,13 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="output folder (default: <data dir>/models/offline-standin)")
     build.add_argument("--fit-scale-images", help="refit the logit scale on the (unlabelled) images in this folder")
     build.set_defaults(func=cmd_build_offline_model)
-
-    bench = sub.add_parser("bench", help="speed, memory and accuracy benchmarks (writes docs/benchmarks.md)")
-    bench.add_argument("--data-dir", type=Path, help="override SHOTCACHE_DATA_DIR (holds the stand-in and exports)")
-    from .benchmarks.options import add_arguments
-
-    add_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
     return parser
 
 

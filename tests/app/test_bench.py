@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from app.benchmarks import report
-from app.benchmarks.accuracy import bench_accuracy, bench_cache_cost, int8_gap
-from app.benchmarks.common import BACKENDS, BenchConfig
-from app.benchmarks.encoders import bench_decode, bench_encoders
-from app.benchmarks.options import SECTIONS, add_arguments
-from app.benchmarks.served import bench_served, scrape
 from app.encoder.factory import available_backends
+from benchmarks import report
+from benchmarks.accuracy import bench_accuracy, bench_cache_cost, int8_gap
+from benchmarks.common import BACKENDS, BenchConfig
+from benchmarks.encoders import bench_decode, bench_encoders
+from benchmarks.memory import bench_memory
+from benchmarks.options import SECTIONS, add_arguments
+from benchmarks.served import bench_served, scrape
 from tests.conftest import dataset_dir
 
 
@@ -99,6 +100,24 @@ def test_served_section_drives_a_real_server(quick: BenchConfig) -> None:
     assert "auto → onnx" in report.render(_meta(quick), {"served": result})
 
 
+def test_memory_section_restores_stored_tasks_in_a_fresh_process(quick: BenchConfig) -> None:
+    result = bench_memory(quick=True, dim=64)
+    [row] = result["rows"]
+    assert (row["classes"], row["shots"], row["dim"], row["tasks"]) == (10, 4, 64, 5)
+    assert row["raw_mb"] * 2**20 == (10 * 4 + 10) * 64 * 4  # float32 keys + text
+    assert row["restore_s"] > 0
+    assert row["disk_x_raw"] > 1  # the stored shots and text are at least their raw bytes
+    rendered = report.render(_meta(quick), {"memory": result})
+    assert "### Resident memory and restore time of loaded tasks" in rendered
+    assert "RSS per loaded task ≤ 2x its raw key + text bytes (10 x 4, d=64)" in rendered
+
+
+def test_memory_target_says_by_how_much_it_is_missed() -> None:
+    row = {"classes": 100, "shots": 16, "dim": 1280, "rss_x_raw": 2.25}
+    [target] = report.targets({"memory": {"rows": [row]}})
+    assert target[2] == "**missed** by 0.25x"
+
+
 def test_metrics_parsing_keeps_labels_with_braces() -> None:
     class Fake:
         text = (
@@ -147,7 +166,7 @@ def test_bench_options() -> None:
     args = parser.parse_args(["--quick", "--only", "encoder", "--only", "served", "--write", "x.md"])
     assert args.only == ["encoder", "served"]
     assert args.quick
-    assert set(SECTIONS) == {"encoder", "decode", "cache", "served", "accuracy", "methods"}
+    assert set(SECTIONS) == {"encoder", "decode", "cache", "served", "accuracy", "methods", "memory"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--only", "nonsense"])
 

@@ -81,3 +81,35 @@ def test_console_script_reads_url_and_key_from_the_environment(keyed_server: Ser
         [sys.executable, "-m", "api.cli", "--help"], env=env, cwd=REPO, capture_output=True, text=True
     )
     assert all(word in helped.stdout for word in ("serve", "eval", "bench", "task", "classify"))
+
+
+def test_serving_imports_neither_httpx_nor_the_benchmarks() -> None:
+    """httpx is an extra (`client`, `bench`): the `shotcache` command's parser and the served app run without it."""
+    code = (
+        "import sys; import api.cli, api.main; api.cli.build_parser(); "
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'httpx' or m == 'api.client' "
+        "or (m.startswith('benchmarks.') and m != 'benchmarks.options')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "extra"),
+    [
+        (["task", "list"], "api.client", "shotcache[client]"),
+        (["classify", "some-task", "a.jpg"], "api.client", "shotcache[client]"),
+        (["bench", "--only", "memory"], "benchmarks.runner", "shotcache[bench]"),
+        (["bench", "--only", "memory"], "httpx", "shotcache[bench]"),
+    ],
+)
+def test_a_missing_extra_is_named(
+    argv: list[str], module: str, extra: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError, as without the extra
+    code, _, err = run(*argv, capsys=capsys)
+    assert code == 2
+    assert f"`shotcache {' '.join(argv[:2]) if argv[0] == 'task' else argv[0]}` needs" in err
+    assert f"pip install '{extra}'" in err

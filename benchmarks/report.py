@@ -11,6 +11,7 @@ from .accuracy import accuracy_markdown, cache_cost_markdown, int8_gap
 from .cache_methods import to_markdown
 from .common import table
 from .encoders import decode_markdown, encoder_markdown
+from .memory import memory_markdown
 
 BEGIN = "<!-- BEGIN shotcache bench -->"
 END = "<!-- END shotcache bench -->"
@@ -112,6 +113,17 @@ def targets(results: dict[str, Any]) -> list[list[object]]:
                 "the stand-in's onnx-int8 runs fp32 graphs (nothing to quantize in its image tower)",
             )
         )
+    for r in results.get("memory", {}).get("rows", []):
+        ratio = r["rss_x_raw"]
+        rows.append(
+            _target(
+                f"RSS per loaded task ≤ 2x its raw key + text bytes ({r['classes']} x {r['shots']}, d={r['dim']})",
+                f"{ratio:.2f}x",
+                ratio <= 2.0,
+                f"by {ratio - 2.0:.2f}x",
+                "the fitted methods' own state (e.g. Tip-X's psi, GDA's covariance) beside the shared support",
+            )
+        )
     return rows
 
 
@@ -148,8 +160,9 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
         ("Classify cost of a big cache", lambda: cache_cost_markdown(results["cache"], results.get("encoder"))),
         ("Accuracy per backend (stand-in, ../shared/datasets)", lambda: accuracy_markdown(results["accuracy"])),
         ("Cache-method micro-benchmark", lambda: to_markdown(results["methods"]).rstrip()),
+        ("Resident memory and restore time of loaded tasks", lambda: memory_markdown(results["memory"])),
     ]
-    keys = ["targets", "encoder", "decode", "served", "cache", "accuracy", "methods"]
+    keys = ["targets", "encoder", "decode", "served", "cache", "accuracy", "methods", "memory"]
     for key, (title, make) in zip(keys, sections, strict=True):
         if key != "targets" and key not in results:
             continue

@@ -1,7 +1,7 @@
 """Micro-benchmark of the cache methods (numpy + faiss only, no model): predict cost per query and
 tune (leave-one-out search) time and memory, on random unit vectors clustered by class.
 
-    .venv/bin/python -m app.benchmarks.cache_methods        # prints a markdown table
+    .venv/bin/python -m benchmarks.cache_methods               # prints a markdown table
 
 Not a test: numbers depend on the machine. Fit and tune run in one process, with FAISS and BLAS
 limited to the 2 threads of the reference machine.

@@ -7,7 +7,9 @@ Sections (all by default, in this order; `--only` picks some):
 - served:   `shotcache serve` over HTTP: task build, throughput and p50/p99 at 1 and 8 clients, share of the
             request outside the encoder, peak RSS;
 - accuracy: every backend's 16-shot accuracy with the stand-in on ../shared/datasets, int8 vs fp32;
-- methods:  the cache-method micro-benchmark (cache_methods.py).
+- methods:  the cache-method micro-benchmark (cache_methods.py);
+- memory:   resident memory per restored task (100 and 1000 classes x 16 shots, d=1280) as a multiple of
+            its raw key + text bytes, and the restore time of the stored tasks (memory.py).
 
 The full run takes about 10 minutes on 2 cores (plus the one-time ONNX exports); `--quick` is a smoke run.
 """
@@ -63,6 +65,7 @@ def run_sections(config: BenchConfig, sections: tuple[str, ...]) -> dict[str, An
     from .accuracy import bench_accuracy, bench_cache_cost, model_dims
     from .cache_methods import bench_cache_methods
     from .encoders import bench_decode, bench_encoders
+    from .memory import bench_memory
     from .served import bench_served
 
     results: dict[str, Any] = {}
@@ -85,6 +88,8 @@ def run_sections(config: BenchConfig, sections: tuple[str, ...]) -> dict[str, An
             else:
                 rows = bench_cache_methods()
             results["methods"] = rows
+        elif section == "memory":
+            results["memory"] = bench_memory(config.quick)
         log.info("bench: section %s took %.0f s", section, time.perf_counter() - started)
     return results
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SECTIONS = ("encoder", "decode", "cache", "served", "accuracy", "methods")
+SECTIONS = ("encoder", "decode", "cache", "served", "accuracy", "methods", "memory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from app.encoder.factory import encoder_for
 from app.encoder.load import LoadedModel, ModelSource, load_model
 from app.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SHOTCACHE_BENCH_DATASETS", REPO.parent / "shared" / "datasets"))
 BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")  # those not installed fall back
 DATASET_NAMES = ("cifar10-mini", "textile-defects")
