@@ -207,22 +207,18 @@ class ProKeR(CacheMethod):
         logits: FloatArray = self.zero_shot_logits(queries) + np.float32(self.scale) * cache
         return logits
 
-    def tune(
-        self,
-        keys: object,
-        labels: object,
-        text: object,
-        groups: object | None = None,
-        grid: Mapping[str, Sequence[HyperValue]] | None = None,
+    def tune_support(
+        self, support: Support, grid: Mapping[str, Sequence[HyperValue]] | None = None
     ) -> dict[str, HyperValue]:
-        """`CacheMethod.tune`, with leave-one-out on a class subset above TUNE_MAX_KEYS rows (module
-        docstring); the chosen values are then fitted on the whole support."""
-        support = make_support(keys, labels, text, groups)
+        """`CacheMethod.tune_support` (what `tune` and the service's shared-support fits both call), with
+        leave-one-out on a class subset above TUNE_MAX_KEYS rows (module docstring); the chosen values
+        are then fitted on the whole support."""
         subset = class_subset(support, TUNE_MAX_KEYS)
         if subset is None:
-            return super().tune(keys, labels, text, groups, grid)
+            return super().tune_support(support, grid)
         classes, sub_labels = np.unique(support.labels[subset], return_inverse=True)
-        super().tune(support.keys[subset], sub_labels, support.text[classes], support.groups[subset], grid)
+        sub = make_support(support.keys[subset], sub_labels, support.text[classes], support.groups[subset])
+        super().tune_support(sub, grid)
         report = self.tune_report
         if report is not None:  # rows of the subset -> the caller's indexing
             self.tune_report = dataclasses.replace(report, rows=support.source_rows[subset[report.rows]])

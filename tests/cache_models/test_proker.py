@@ -8,6 +8,7 @@ import pytest
 
 import cache_models.proker as proker
 from cache_models import get_method
+from cache_models.base import make_support
 from cache_models.few_shot import RULE_MARGIN
 from cache_models.tuning import fit_temperature
 
@@ -91,6 +92,18 @@ def test_large_support_is_tuned_on_whole_classes_and_fitted_on_all(monkeypatch: 
     np.testing.assert_array_equal(
         method.predict(t.queries), get_method("proker")(**chosen).fit(t.keys, t.labels, t.text).predict(t.queries)
     )
+
+
+def test_the_shared_support_path_is_capped_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service fits every method on one shared support (`tune_support`, not `tune`): the subset rule
+    must hold there as well, or a 1000-class task would take the exact eigendecomposition at M = 16,000."""
+    t = make_task(45, n_classes=8, shots=3, dim=10)
+    monkeypatch.setattr(proker, "TUNE_MAX_KEYS", 10)
+    method = get_method("proker")()
+    method.tune_support(make_support(t.keys, t.labels, t.text, None), grid={"beta": [1.0, 5.0], "lam": [0.1, 1.0]})
+    assert method.tune_report is not None
+    assert method.tune_report.n_scored <= 10
+    assert method.n_keys == t.labels.size
 
 
 def test_one_shot_per_class_uses_the_few_shot_rule() -> None:
