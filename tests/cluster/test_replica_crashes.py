@@ -45,7 +45,9 @@ def test_sigkill_during_add_shots_leaves_the_last_acknowledged_version(
             seen: list[int] = []
             problems: list[str] = []
             stop = threading.Event()
-            files = multipart(shots(addition, 2, skip=kill * 2))
+            # Each round adds 2 new images of the next EXTRA class; a class comes round again every
+            # len(EXTRA) kills, with the next 2 of its images (20 kills use 8 of a class's 32 train images).
+            files = multipart(shots(addition, 2, skip=(kill // len(EXTRA)) * 2))
 
             def add(answers: list[httpx.Response | Exception] = answers, files: dict[str, object] = files) -> None:
                 try:
