@@ -24,13 +24,16 @@ mean nothing to the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._validation import IntArray, Support
-from .tuning import LooScorer, TuneReport, fit_temperature, prefer_rule
+from .tune_report import TuneReport, report_from_logits
+from .tuning import LooScorer, fit_temperature, score_logits
 
 if TYPE_CHECKING:
     from .base import CacheMethod
@@ -44,6 +47,24 @@ def zero_shot_temperature(support: Support, scale: float) -> float:
     zero_shot = (scale * (support.keys @ support.text.T)).astype(np.float32)
     temperature, _ = fit_temperature(zero_shot, support.labels)
     return temperature
+
+
+def prefer_rule(
+    scorer: LooScorer, labels: IntArray, searched: TuneReport, rule: Mapping[str, float], *, margin: float, why: str
+) -> TuneReport:
+    """The rule's point unless the searched one beats it by more than `margin` in calibrated LOO
+    cross-entropy (nats per scored row). For supports where leave-one-out is nearly degenerate (a
+    held-out shot leaves its class one shot): there its preference is noisy, so it must win clearly.
+    Both points are scored by the same scorer, so the report is LOO's own judgement of the rule."""
+    logits = scorer.logits(dict(rule))
+    score = score_logits(logits, labels, searched.temperature)
+    searched_nll = searched.nll if searched.nll is not None else np.inf
+    if searched_nll < score.nll - margin:
+        return searched
+    report = report_from_logits(
+        dict(rule), score.nll, score.accuracy, score.temperature, logits, labels, searched.n_evaluated + 1
+    )
+    return dataclasses.replace(report, fallback=why)
 
 
 def few_shot_choice(

@@ -30,19 +30,19 @@ is never refitted per point.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from ._validation import FloatArray, IntArray, Support, segment_sums
+from .tune_report import Hyperparams as Hyperparams
+from .tune_report import TuneReport as TuneReport  # re-exported: the report of a search
+from .tune_report import report_from_logits
 
 Params = dict[str, float]
-Hyperparams = dict[str, float | int]
 TermKey = tuple[float, ...]
 
 MAX_SCORED_ROWS = 2048  # LOO rows scored per grid point; beyond this a fixed random subset is used
@@ -51,41 +51,6 @@ TERM_BUDGET_BYTES = 64 << 20  # cache terms ([rows, N] each) computed in one pas
 _MAX_LOG_STEP = float(np.log(8.0))  # temperature fit: at most a factor 8 per Newton step
 _SEED = 0  # row subsampling is deterministic: the same support always picks the same rows
 LABEL_SMOOTHING = 0.01  # of the temperature fit's targets (see the module docstring)
-
-
-@dataclass(frozen=True)
-class TuneReport:
-    """What leave-one-out selection found; the service reports it and calibrates with it."""
-
-    hyperparams: Hyperparams
-    accuracy: float | None  # LOO accuracy at the chosen point (None when LOO was impossible)
-    nll: float | None  # calibrated LOO cross-entropy at the chosen point
-    temperature: float  # divide logits by this to calibrate them (1.0 when not fitted)
-    n_scored: int  # rows that were scored
-    fallback: str | None = None  # why the starting values were kept without a search, if they were
-    confidence: FloatArray = field(default_factory=lambda: np.zeros(0, np.float32))  # max calibrated prob per row
-    correct: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # argmax == label per row
-    rows: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # scored rows, caller's indexing
-    labels: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # true class per scored row
-    predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # argmax class per scored row
-    n_evaluated: int = 0  # grid points scored
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "hyperparams": dict(self.hyperparams),
-            "loo_accuracy": self.accuracy,
-            "loo_nll": self.nll,
-            "temperature": self.temperature,
-            "n_scored": self.n_scored,
-            "n_evaluated": self.n_evaluated,
-            "fallback": self.fallback,
-        }
-
-    def confusion(self, n_classes: int) -> IntArray:
-        """[N, N] counts of scored rows: [i, j] rows of class i that leave-one-out predicted as j."""
-        out = np.zeros((n_classes, n_classes), dtype=np.int64)
-        np.add.at(out, (self.labels, self.predicted), 1)
-        return out
 
 
 def scored_rows(support: Support, *, min_shots: int = 2, max_rows: int | None = None) -> IntArray:
@@ -284,7 +249,7 @@ def fit_temperature(
 
 
 @dataclass(frozen=True)
-class _Score:
+class Score:
     nll: float
     accuracy: float
     temperature: float
@@ -293,10 +258,11 @@ class _Score:
         return (round(self.nll, 6), -self.accuracy)
 
 
-def _score(logits: FloatArray, labels: IntArray, initial_temperature: float) -> _Score:
+def score_logits(logits: FloatArray, labels: IntArray, initial_temperature: float) -> Score:
+    """Calibrated cross-entropy (own fitted temperature) and accuracy of one grid point's LOO logits."""
     temperature, nll = fit_temperature(logits, labels, initial_temperature=initial_temperature)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == labels))
-    return _Score(nll=nll, accuracy=accuracy, temperature=temperature)
+    return Score(nll=nll, accuracy=accuracy, temperature=temperature)
 
 
 def _params_key(params: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
@@ -319,10 +285,10 @@ def search(
     Stages repeat for `rounds` passes or until a pass changes nothing. A single stage naming every
     grid parameter is an exhaustive product search. With nothing to search, `start` is scored.
     """
-    seen: dict[tuple[tuple[str, float], ...], _Score] = {}
+    seen: dict[tuple[tuple[str, float], ...], Score] = {}
     warm = 1.0  # temperature of the previous point: the next fit starts there
 
-    def best_of(candidates: list[Params]) -> tuple[Params, _Score, FloatArray | None]:
+    def best_of(candidates: list[Params]) -> tuple[Params, Score, FloatArray | None]:
         """Score every candidate; return the best, its score, and its logits (None if scored before)."""
         nonlocal warm
         unique = list({_params_key(c): c for c in candidates}.values())
@@ -330,7 +296,7 @@ def search(
         fresh_logits: dict[int, FloatArray] = {}
         best_index = -1
         for j, logits in scorer.iter_logits([unique[i] for i in todo]):
-            score = _score(logits, labels, warm)
+            score = score_logits(logits, labels, warm)
             warm = score.temperature
             seen[_params_key(unique[todo[j]])] = score
             if best_index < 0 or _rank(seen, unique, todo[j]) < _rank(seen, unique, best_index):
@@ -343,7 +309,7 @@ def search(
         return best, seen[_params_key(best)], fresh_logits.get(best_index)
 
     current: Params = dict(start)
-    current_score: _Score | None = None
+    current_score: Score | None = None
     current_logits: FloatArray | None = None
     for _ in range(rounds):
         before = dict(current)
@@ -364,47 +330,19 @@ def search(
     if current_logits is None:
         current_logits = scorer.logits(current)
 
-    return _report(current, current_score, current_logits, labels, len(seen))
-
-
-def _report(params: Params, score: _Score, logits: FloatArray, labels: IntArray, n_evaluated: int) -> TuneReport:
-    calibrated = logits / np.float32(score.temperature)
-    # The top calibrated probability is 1 / sum_c exp(z_c - max z): no [rows, N] float64 softmax needed.
-    shifted = calibrated - calibrated.max(axis=1, keepdims=True)
-    confidence = (1.0 / np.exp(shifted).sum(axis=1, dtype=np.float64)).astype(np.float32)
-    predicted = np.argmax(calibrated, axis=1).astype(np.int64)
-    return TuneReport(
-        hyperparams=dict(params),
-        accuracy=score.accuracy,
-        nll=score.nll,
-        temperature=score.temperature,
-        n_scored=int(labels.size),
-        confidence=confidence,
-        correct=predicted == labels,
-        labels=np.asarray(labels, dtype=np.int64),
-        predicted=predicted,
-        n_evaluated=n_evaluated,
+    return report_from_logits(
+        current,
+        current_score.nll,
+        current_score.accuracy,
+        current_score.temperature,
+        current_logits,
+        labels,
+        len(seen),
     )
 
 
-def prefer_rule(
-    scorer: LooScorer, labels: IntArray, searched: TuneReport, rule: Mapping[str, float], *, margin: float, why: str
-) -> TuneReport:
-    """The rule's point unless the searched one beats it by more than `margin` in calibrated LOO
-    cross-entropy (nats per scored row). For supports where leave-one-out is nearly degenerate (a
-    held-out shot leaves its class one shot): there its preference is noisy, so it must win clearly.
-    Both points are scored by the same scorer, so the report is LOO's own judgement of the rule."""
-    logits = scorer.logits(dict(rule))
-    score = _score(logits, labels, searched.temperature)
-    searched_nll = searched.nll if searched.nll is not None else np.inf
-    if searched_nll < score.nll - margin:
-        return searched
-    report = _report(dict(rule), score, logits, labels, searched.n_evaluated + 1)
-    return dataclasses.replace(report, fallback=why)
-
-
 def _rank(
-    seen: Mapping[tuple[tuple[str, float], ...], _Score], candidates: Sequence[Params], i: int
+    seen: Mapping[tuple[tuple[str, float], ...], Score], candidates: Sequence[Params], i: int
 ) -> tuple[float, float, int]:
     """Sort key of candidate i: lowest calibrated NLL (to 1e-6), then highest accuracy, then grid order."""
     nll, negative_accuracy = seen[_params_key(candidates[i])].key()
