@@ -131,6 +131,11 @@ class CacheMethod(ABC):
         return self.scale * (queries @ support.text.T)
 
     @property
+    def support(self) -> Support:
+        """The support the method was fitted on (read-only, possibly shared with other methods)."""
+        return self._require_fitted()
+
+    @property
     def n_classes(self) -> int:
         return self._require_fitted().n_classes
 

@@ -150,8 +150,8 @@ def evaluate(
 ) -> list[ResultRow]:
     """Test accuracy of every method tuned by leave-one-out on the sampled shots only.
 
-    `auto` is the method the service's `method=auto` would pick (lowest calibrated LOO cross-entropy
-    among the others; `default_method` when leave-one-out could not score any cache method).
+    `auto` is the method the service's `method=auto` would pick (`pick_best`: lowest calibrated
+    cross-entropy on shared shot folds; its one-shot choice, else `default_method`, at one shot).
     `oracle` adds `<method>@oracle` rows: the same grid searched for the best TEST accuracy, an
     upper bound no service can reach, reported to show what leave-one-out tuning leaves. `paper`
     adds `<method>@paper` rows: the method at its papers' default hyper-parameters, untuned.
@@ -177,7 +177,7 @@ def evaluate(
                     untuned = get_method(name)(scale=scale).fit(keys, key_labels, data.text, groups)
                     rows.append(_row(f"{name}@paper", k, seed, untuned, data))
             if AUTO in methods:
-                best = pick_best({n: m.tune_report for n, m in fitted.items()}) or default_method
+                best = pick_best(fitted) or default_method
                 rows.append(replace(_row(best, k, seed, fitted[best], data), method=AUTO, chosen=best))
     return rows
 

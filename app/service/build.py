@@ -46,9 +46,9 @@ def fit_methods(supports: TaskSupports, *, scale: float, methods: Sequence[str] 
 
 
 def choose_method(target: str, fits: Mapping[str, MethodFit], default: str) -> str:
-    """`auto`: the best leave-one-out score (`pick_best`, the one selection rule); else `target`, which
-    request validation has checked is a method name."""
+    """`auto`: the best held-out score on shared shot folds (`pick_best`, the one selection rule); else
+    `target`, which request validation has checked is a method name."""
     if target == AUTO:
-        best = pick_best({name: fit.method.tune_report for name, fit in fits.items()})
+        best = pick_best({name: fit.method for name, fit in fits.items()})
         return best if best is not None else default
     return target

@@ -1,0 +1,104 @@
+"""`pick_best` (method=auto): every method scored on the same shot folds, each refitted without them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cache_models import get_method
+from cache_models.base import CacheMethod, make_support
+from cache_models.selection import (
+    MAX_FOLDS,
+    ONE_SHOT_CHOICE,
+    cross_method_scores,
+    held_out_logits,
+    pick_best,
+    shot_folds,
+)
+
+from .conftest import make_task, unit
+
+
+def _tuned(name: str, seed: int = 0, **task_args: int | float) -> CacheMethod:
+    t = make_task(seed, **task_args)  # type: ignore[arg-type]
+    method = get_method(name)(scale=20.0)
+    method.tune(t.keys, t.labels, t.text, t.groups)
+    return method
+
+
+def test_folds_deal_every_class_round_robin_and_keep_a_shot_per_class() -> None:
+    t = make_task(1, n_classes=3, shots=5, views=2)
+    support = make_support(t.keys, t.labels, t.text, t.groups)
+    folds = shot_folds(support, 4)
+    for group in np.unique(support.groups):  # all views of a shot share its fold
+        assert np.unique(folds[support.groups == group]).size == 1
+    for label in range(3):
+        in_class = support.labels == label
+        per_fold = [np.unique(support.groups[in_class & (folds == f)]).size for f in range(4)]
+        assert sorted(per_fold) == [1, 1, 1, 2]  # 5 shots into 4 folds
+        for f in range(4):  # every fold leaves the class some shots to refit on
+            assert np.any(in_class & (folds != f))
+
+
+def test_held_out_logits_equal_a_refit_without_the_fold() -> None:
+    method = _tuned("tip-adapter", 2, shots=4)
+    support = method.support
+    shots, logits = held_out_logits(method, 2)
+    folds = shot_folds(support, 2)
+    for fold in range(2):
+        train = folds != fold
+        reference = get_method("tip-adapter")(**method.hyperparams)
+        reference.fit(support.keys[train], support.labels[train], support.text, support.groups[train])
+        for row in np.flatnonzero(folds == fold):
+            i = int(np.searchsorted(shots, support.groups[row]))
+            np.testing.assert_allclose(logits[i], reference.predict(support.keys[row : row + 1])[0], rtol=1e-5)
+
+
+def test_held_out_logits_average_a_shots_views() -> None:
+    method = _tuned("gda", 3, shots=3, views=2)
+    shots, logits = held_out_logits(method, 3)
+    assert shots.tolist() == sorted(set(method.support.groups.tolist()))
+    assert logits.shape == (shots.size, method.support.n_classes)
+
+
+def test_a_flattering_own_report_does_not_win() -> None:
+    """Zero-shot with text unrelated to the classes is at chance on held-out shots; claiming a perfect
+    leave-one-out score in its own report must not make `auto` pick it over a working cache."""
+    t = make_task(4, n_classes=4, shots=6, dim=16, noise=0.4)
+    text = unit(np.random.default_rng(9).standard_normal(t.text.shape))
+    methods = {}
+    for name in ("zero-shot", "tip-adapter"):
+        m = get_method(name)(scale=20.0)
+        m.tune(t.keys, t.labels, text, t.groups)
+        methods[name] = m
+    zero_shot_report = methods["zero-shot"].tune_report
+    assert zero_shot_report is not None
+    methods["zero-shot"].tune_report = dataclasses.replace(zero_shot_report, nll=0.0, accuracy=1.0)
+    assert pick_best(methods) == "tip-adapter"
+    scores = cross_method_scores(methods)
+    assert scores["tip-adapter"][1] > scores["zero-shot"][1]
+
+
+def test_untuned_methods_take_no_part() -> None:
+    t = make_task(5, shots=4)
+    tuned = get_method("tip-adapter")(scale=20.0)
+    tuned.tune(t.keys, t.labels, t.text, t.groups)
+    given = get_method("ape")(scale=20.0).fit(t.keys, t.labels, t.text, t.groups)
+    assert pick_best({"ape": given, "tip-adapter": tuned}) == "tip-adapter"
+    assert set(cross_method_scores({"ape": given, "tip-adapter": tuned})) == {"tip-adapter"}
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_one_shot_per_class_takes_the_one_shot_choice(present: bool) -> None:
+    names = ["zero-shot", "tip-adapter", *([ONE_SHOT_CHOICE] if present else [])]
+    methods = {name: _tuned(name, 6, shots=1) for name in names}
+    assert cross_method_scores(methods) == {}
+    assert pick_best(methods) == (ONE_SHOT_CHOICE if present else None)
+
+
+def test_folds_are_capped() -> None:
+    method = _tuned("zero-shot", 7, shots=MAX_FOLDS + 3)
+    folds = shot_folds(method.support, MAX_FOLDS)
+    assert set(folds.tolist()) == set(range(MAX_FOLDS))
