@@ -15,7 +15,9 @@ holds out about 1/folds of every class's shots and every class keeps at least on
 per class nothing can be held out: ONE_SHOT_CHOICE, chosen on train-split simulations, is taken.
 
 Cost: MAX_FOLDS refits of each method at its chosen values (no grid) and one prediction of every
-shot; e.g. at 1000 classes x 16 shots four fits per method on 12,000 keys.
+shot. Above MAX_COMPARED_CLASSES classes the comparison runs on a fixed-seed subset of that many
+classes (the same for every method, so still fair): a 1000-class task costs what a 64-class one does
+(measured in docs/benchmarks.md, "auto's comparison").
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MAX_FOLDS = 4  # shot folds of the cross-method comparison (module docstring)
 # ProKeR's few-shot rule was best on cifar10-mini (51.5% vs APE 49.0%) and 1.6 points behind the
 # best (APE) on textile-defects: the smallest worst-case loss of every method (docs/benchmarks.md).
 ONE_SHOT_CHOICE = "proker"
+MAX_COMPARED_CLASSES = 64  # classes the comparison refits on at most (module docstring)
+_SEED = 0  # the class subset is deterministic: the same task always compares on the same classes
 
 
 def shot_folds(support: Support, n_folds: int) -> IntArray:
@@ -46,12 +50,30 @@ def shot_folds(support: Support, n_folds: int) -> IntArray:
     return folds
 
 
-def held_out_logits(method: CacheMethod, n_folds: int) -> tuple[IntArray, FloatArray]:
-    """(shot ids, logits [shots, N]): each shot scored by the method refitted without its fold.
+def compared_classes(n_classes: int) -> IntArray:
+    """The classes the comparison uses: all, or a fixed-seed subset of MAX_COMPARED_CLASSES."""
+    if n_classes <= MAX_COMPARED_CLASSES:
+        return np.arange(n_classes, dtype=np.int64)
+    rng = np.random.default_rng(_SEED)
+    return np.sort(rng.choice(n_classes, size=MAX_COMPARED_CLASSES, replace=False)).astype(np.int64)
+
+
+def class_subset(support: Support, classes: IntArray) -> Support:
+    """The support restricted to `classes` (sorted), relabelled 0..len(classes)-1."""
+    if classes.size == support.n_classes:
+        return support
+    rows = np.isin(support.labels, classes)
+    labels = np.searchsorted(classes, support.labels[rows])
+    return make_support(support.keys[rows], labels, support.text[classes], support.groups[rows])
+
+
+def held_out_logits(method: CacheMethod, n_folds: int, classes: IntArray | None = None) -> tuple[IntArray, FloatArray]:
+    """(shot ids, logits [shots, C]): each shot of `classes` (default all) scored by the method
+    refitted without its fold on those classes alone.
 
     Rows of one shot (a per-view method's views) are averaged into one logit row per shot, so every
     method is scored on the same shots whatever its support looks like."""
-    support = method.support
+    support = method.support if classes is None else class_subset(method.support, classes)
     folds = shot_folds(support, n_folds)
     logits = np.empty((support.n_rows, support.n_classes), dtype=np.float32)
     for fold in range(n_folds):
@@ -80,10 +102,11 @@ def cross_method_scores(methods: Mapping[str, CacheMethod]) -> dict[str, tuple[f
     if min_shots < 2:
         return {}
     n_folds = min(min_shots, MAX_FOLDS)
+    classes = compared_classes(next(iter(tuned.values())).support.n_classes)
     out = {}
     for name, method in tuned.items():
-        shots, logits = held_out_logits(method, n_folds)
-        labels = shot_labels(method.support, shots)
+        shots, logits = held_out_logits(method, n_folds, classes)
+        labels = shot_labels(class_subset(method.support, classes), shots)
         _, nll = fit_temperature(logits, labels)
         out[name] = (nll, float(np.mean(np.argmax(logits, axis=1) == labels)))
     return out

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cache_models import get_method
+from cache_models import get_method, selection
 from cache_models.base import CacheMethod, make_support
 from cache_models.selection import (
     MAX_FOLDS,
@@ -102,3 +102,25 @@ def test_folds_are_capped() -> None:
     method = _tuned("zero-shot", 7, shots=MAX_FOLDS + 3)
     folds = shot_folds(method.support, MAX_FOLDS)
     assert set(folds.tolist()) == set(range(MAX_FOLDS))
+
+
+def test_many_classes_compare_on_a_fixed_class_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_COMPARED_CLASSES the comparison is the same refit on a sub-task of those classes."""
+    monkeypatch.setattr(selection, "MAX_COMPARED_CLASSES", 3)
+    method = _tuned("tip-adapter", 8, n_classes=5, shots=4)
+    classes = selection.compared_classes(5)
+    assert classes.size == 3
+    assert np.array_equal(classes, selection.compared_classes(5))  # fixed seed
+    shots, logits = held_out_logits(method, 2, classes)
+    assert logits.shape == (3 * 4, 3)
+    support = method.support
+    inside = np.isin(support.labels, classes)
+    sub_labels = np.searchsorted(classes, support.labels[inside])
+    sub = make_support(support.keys[inside], sub_labels, support.text[classes], support.groups[inside])
+    folds = shot_folds(sub, 2)
+    reference = get_method("tip-adapter")(**method.hyperparams)
+    reference.fit(sub.keys[folds != 0], sub.labels[folds != 0], sub.text, sub.groups[folds != 0])
+    rows = np.flatnonzero(folds == 0)
+    expected = reference.predict(sub.keys[rows])
+    np.testing.assert_allclose(logits[np.searchsorted(shots, sub.groups[rows])], expected, rtol=1e-5)
+    assert set(cross_method_scores({"tip-adapter": method})) == {"tip-adapter"}
