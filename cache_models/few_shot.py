@@ -13,8 +13,9 @@ RULE_MARGIN is infinite: on 2-shot tasks simulated from both TRAIN splits (10 dr
 finite margin tried (0, 0.02, 0.05, 0.1, 0.2) lost to always keeping the rule for some method, by up
 to 9 points (ProKeR and GDA on cifar10-mini: leave-one-out's pick beat the rule's cross-entropy by
 more than 0.2 nats and classified the held-out train images 9-10 points worse). At 2 shots leave-
-one-out still scores the rule, so `auto` compares methods by it and the probabilities are
-calibrated by it; at 3 shots and more leave-one-out's own pick stands.
+one-out still scores the rule, so the probabilities are calibrated by it (`auto` compares methods
+on shared shot folds instead, cache_models.selection); at 3 shots and more leave-one-out's own pick
+stands.
 
 The rule's scale: the cache should weigh more the less the text knows, and the zero-shot temperature
 fitted on the shots (zero-shot needs no held-out cache, so it can always be fitted) measures exactly
