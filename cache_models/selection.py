@@ -11,8 +11,9 @@ statistic refitted), and compares the pooled held-out logits by calibrated cross
 temperature per method) — the same footing for every method.
 
 Folds: each class's shots are dealt round-robin into min(shots, MAX_FOLDS) folds, so every fold
-holds out about 1/folds of every class's shots and every class keeps at least one shot. With one shot
-per class nothing can be held out: ONE_SHOT_CHOICE, chosen on train-split simulations, is taken.
+holds out about 1/folds of every class's shots and every class keeps at least one shot. A class with a
+single shot keeps it in every refit and is not scored; when no class has two shots nothing can be
+held out and ONE_SHOT_CHOICE, chosen on train-split simulations, is taken.
 
 Cost: MAX_FOLDS refits of each method at its chosen values (no grid) and one prediction of every
 shot. Above MAX_COMPARED_CLASSES classes the comparison runs on a fixed-seed subset of that many
@@ -41,13 +42,22 @@ _SEED = 0  # the class subset is deterministic: the same task always compares on
 
 
 def shot_folds(support: Support, n_folds: int) -> IntArray:
-    """Fold of each row: the shots (groups) of each class dealt round-robin into `n_folds` folds."""
-    folds = np.empty(support.n_rows, dtype=np.int64)
+    """Fold of each row: the shots (groups) of each class dealt round-robin into `n_folds` folds;
+    -1 (never held out, never scored) for a class with a single shot, which must stay in every refit."""
+    folds = np.full(support.n_rows, -1, dtype=np.int64)
     for label in range(support.n_classes):
         rows = np.flatnonzero(support.labels == label)
-        _, index = np.unique(support.groups[rows], return_inverse=True)
-        folds[rows] = index % n_folds
+        shots, index = np.unique(support.groups[rows], return_inverse=True)
+        if shots.size >= 2:
+            folds[rows] = index % n_folds
     return folds
+
+
+def fold_count(support: Support) -> int:
+    """min(MAX_FOLDS, fewest shots of a class with two or more); 0 when no class has two."""
+    shots = support.shots_per_class()
+    shots = shots[shots >= 2]
+    return int(min(MAX_FOLDS, shots.min())) if shots.size else 0
 
 
 def compared_classes(n_classes: int) -> IntArray:
@@ -72,7 +82,8 @@ def held_out_logits(method: CacheMethod, n_folds: int, classes: IntArray | None 
     refitted without its fold on those classes alone.
 
     Rows of one shot (a per-view method's views) are averaged into one logit row per shot, so every
-    method is scored on the same shots whatever its support looks like."""
+    method is scored on the same shots whatever its support looks like. Single-shot classes' shots
+    are never held out and not returned."""
     support = method.support if classes is None else class_subset(method.support, classes)
     folds = shot_folds(support, n_folds)
     logits = np.empty((support.n_rows, support.n_classes), dtype=np.float32)
@@ -81,9 +92,10 @@ def held_out_logits(method: CacheMethod, n_folds: int, classes: IntArray | None 
         refit = type(method)(**method.hyperparams)
         refit.fit_support(make_support(support.keys[train], support.labels[train], support.text, support.groups[train]))
         logits[test] = refit.predict(support.keys[test])
-    shots, index, counts = np.unique(support.groups, return_inverse=True, return_counts=True)
+    held = folds >= 0
+    shots, index, counts = np.unique(support.groups[held], return_inverse=True, return_counts=True)
     per_shot = np.zeros((shots.size, support.n_classes), dtype=np.float64)
-    np.add.at(per_shot, index, logits)
+    np.add.at(per_shot, index, logits[held])
     return shots, (per_shot / counts[:, None]).astype(np.float32)
 
 
@@ -98,11 +110,10 @@ def cross_method_scores(methods: Mapping[str, CacheMethod]) -> dict[str, tuple[f
     tuned = {name: m for name, m in methods.items() if m.tune_report is not None}
     if not tuned:
         return {}
-    min_shots = min(int(m.support.shots_per_class().min()) for m in tuned.values())
-    if min_shots < 2:
-        return {}
-    n_folds = min(min_shots, MAX_FOLDS)
     classes = compared_classes(next(iter(tuned.values())).support.n_classes)
+    n_folds = min(fold_count(class_subset(m.support, classes)) for m in tuned.values())
+    if n_folds == 0:
+        return {}
     out = {}
     for name, method in tuned.items():
         shots, logits = held_out_logits(method, n_folds, classes)

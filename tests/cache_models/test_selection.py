@@ -124,3 +124,26 @@ def test_many_classes_compare_on_a_fixed_class_subset(monkeypatch: pytest.Monkey
     expected = reference.predict(sub.keys[rows])
     np.testing.assert_allclose(logits[np.searchsorted(shots, sub.groups[rows])], expected, rtol=1e-5)
     assert set(cross_method_scores({"tip-adapter": method})) == {"tip-adapter"}
+
+
+def test_a_single_shot_class_stays_in_every_refit_and_is_not_scored() -> None:
+    t = make_task(10, n_classes=3, shots=3)
+    drop = np.flatnonzero(t.labels == 0)[1:]  # class 0 keeps one shot, the others keep three
+    keep = np.setdiff1d(np.arange(t.labels.size), drop)
+    methods = {}
+    for name in ("zero-shot", "tip-adapter", "proker"):
+        m = get_method(name)(scale=20.0)
+        m.tune(t.keys[keep], t.labels[keep], t.text, t.groups[keep])
+        methods[name] = m
+    method = methods["tip-adapter"]
+    folds = shot_folds(method.support, 3)
+    assert np.all(folds[method.support.labels == 0] == -1)
+    shots, logits = held_out_logits(method, 3)
+    lone = int(method.support.groups[method.support.labels == 0][0])
+    assert lone not in shots.tolist()
+    assert shots.size == 6
+    assert logits.shape == (6, 3)
+    train = folds != 0
+    assert np.any(train & (method.support.labels == 0))  # the lone shot is in the refit
+    assert set(cross_method_scores(methods)) == set(methods)
+    assert pick_best(methods) in methods
