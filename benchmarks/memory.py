@@ -55,9 +55,10 @@ def store_tasks(root: Path, classes: int, shots: int, copies: int, tuned: bool, 
     labels = np.repeat(np.arange(classes, dtype=np.int64), shots)
     supports = make_supports(keys, labels, text, 1)
     if tuned:
-        fits = fit_methods(supports, scale=100.0)
+        methods = fit_methods(supports, scale=100.0)
     else:
-        fits = {m: method_fit(fit_method(m, supports, scale=100.0, hyperparams={})) for m in METHODS}
+        methods = {m: fit_method(m, supports, scale=100.0, hyperparams={}) for m in METHODS}
+    chosen = choose_method("auto" if tuned else "tip-adapter", methods, "tip-adapter")
     task = Task(
         tenant="bench",
         task_id="t0",
@@ -72,8 +73,8 @@ def store_tasks(root: Path, classes: int, shots: int, copies: int, tuned: bool, 
         classes=tuple(ClassPrompts(f"class {i}", (), True) for i in range(classes)),
         supports=supports,
         shot_seeds=np.zeros(classes * shots, np.int64),
-        fits=fits,
-        method=choose_method("auto" if tuned else "tip-adapter", fits, "tip-adapter"),
+        fits={name: method_fit(method) for name, method in methods.items()},
+        method=chosen,
         method_requested="auto" if tuned else "tip-adapter",
     )
     snapshot = to_snapshot(task)
