@@ -30,6 +30,7 @@ DIM = 1280  # a ViT-H-sized feature, the issue's stand-in d
 SIZES = ((100, 16, 100, True), (1000, 16, 10, False))
 QUICK_SIZES = ((10, 4, 5, True),)
 WARM_UP = (10, 4, 1, False)  # restored first in the child, so first-use imports are not counted
+STANDIN_CONFIG = "offline-standin"  # app/encoder/configs/models.json: whose default method the tasks serve
 
 
 def _rss() -> int:
@@ -42,9 +43,13 @@ def _unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
     return out
 
 
-def store_tasks(root: Path, classes: int, shots: int, copies: int, tuned: bool, dim: int, seed: int = 0) -> int:
-    """Build one task as the service does, save it `copies` times under `root`; return its raw key+text bytes."""
+def store_tasks(
+    root: Path, classes: int, shots: int, copies: int, tuned: bool, dim: int, seed: int = 0
+) -> tuple[int, str]:
+    """Build one task as the service does, save it `copies` times under `root`; return its raw key+text bytes
+    and the method it serves (the one a restore fits)."""
     from app.encoder import ClassPrompts
+    from app.encoder.factory import ModelDefaults
     from app.fewshot import fit_method, make_supports
     from app.service.build import choose_method, fit_methods, method_fit
     from app.service.persist import to_snapshot
@@ -60,7 +65,9 @@ def store_tasks(root: Path, classes: int, shots: int, copies: int, tuned: bool, 
         methods = fit_methods(supports, scale=100.0)
     else:
         methods = {m: fit_method(m, supports, scale=100.0, hyperparams={}) for m in METHODS}
-    chosen = choose_method("auto" if tuned else "tip-adapter", methods, "tip-adapter")
+    # Served as a build without a `method` serves it: the model's default method (the stand-in's: APE).
+    default = ModelDefaults.for_key(STANDIN_CONFIG).default_method
+    chosen = choose_method(default, methods, default)
     task = Task(
         tenant="bench",
         task_id="t0",
@@ -77,13 +84,13 @@ def store_tasks(root: Path, classes: int, shots: int, copies: int, tuned: bool, 
         shot_seeds=np.zeros(classes * shots, np.int64),
         fits={name: method_fit(method) for name, method in methods.items()},
         method=chosen,
-        method_requested="auto" if tuned else "tip-adapter",
+        method_requested="default",
     )
     snapshot = to_snapshot(task)
     store = LocalDirStore(root)
     for i in range(copies):
         store.save(dataclasses.replace(snapshot, task_id=f"t{i}"))
-    return int(keys.nbytes + text.nbytes)
+    return int(keys.nbytes + text.nbytes), chosen
 
 
 def _restore(root: str, warm_root: str, out: Any) -> None:
@@ -122,7 +129,7 @@ def bench_memory(quick: bool = False, dim: int = DIM) -> dict[str, Any]:
             tempfile.TemporaryDirectory(prefix="shotcache-bench-warm-") as warm_root,
         ):
             store_tasks(Path(warm_root), *WARM_UP, dim)
-            raw = store_tasks(Path(root), classes, shots, copies, tuned, dim)
+            raw, served = store_tasks(Path(root), classes, shots, copies, tuned, dim)
             disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
             context = multiprocessing.get_context("spawn")
             receive, send = context.Pipe(duplex=False)
@@ -140,6 +147,7 @@ def bench_memory(quick: bool = False, dim: int = DIM) -> dict[str, Any]:
                 "dim": dim,
                 "tasks": copies,
                 "tuned": tuned,
+                "method": served,
                 "raw_mb": raw / 2**20,
                 "rss_per_task_mb": grown / copies / 2**20,
                 "rss_x_raw": grown / copies / raw,
@@ -171,7 +179,8 @@ def memory_markdown(result: dict[str, Any]) -> str:
     ]
     body = [
         [
-            f"{r['classes']} x {r['shots']}, d={r['dim']}" + ("" if r["tuned"] else " (default hyper-parameters)"),
+            f"{r['classes']} x {r['shots']}, d={r['dim']}, serves {r.get('method', '?')}"
+            + ("" if r["tuned"] else " (default hyper-parameters)"),
             r["tasks"],
             r["raw_mb"],
             r["rss_per_task_mb"],
