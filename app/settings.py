@@ -56,7 +56,9 @@ class Settings(BaseSettings):
         1024,
         gt=0,
         description="Memory budget for this process's loaded tasks (MB): past it the least recently used are "
-        "unloaded, and loaded again from the store when next asked for.",
+        "unloaded, and loaded again from the store when next asked for. A task counts what it holds: its shots, "
+        "text and thumbnails, and the methods fitted so far (a loaded task fits its own method; another is fitted "
+        "on its first use and counts from then on).",
     )
     check_freshness: bool = Field(
         False,

@@ -21,8 +21,8 @@ from .common import (
     BACKENDS,
     DATASET_NAMES,
     BenchConfig,
+    backend_encoders,
     load_bench_model,
-    make_encoder,
     model_label,
     per_second,
     table,
@@ -49,8 +49,7 @@ def bench_accuracy(config: BenchConfig) -> dict[str, Any]:
     datasets = [load_folder_dataset(config.datasets / n) for n in present]
     rows = []
     reference: dict[str, Any] = {}
-    for backend in BACKENDS:
-        encoder = make_encoder(loaded, backend, config)
+    for backend, encoder, _ in backend_encoders(loaded, BACKENDS, config):
         for dataset in datasets:
             started = time.perf_counter()
             encoded = encode_dataset(encoder, dataset, views=1, progress=False)
@@ -73,7 +72,6 @@ def bench_accuracy(config: BenchConfig) -> dict[str, Any]:
             )
             log.info("bench accuracy %s %s: %s", dataset.name, backend, accuracy)
         del encoder
-        gc.collect()
     return {"rows": rows, "methods": methods, "shots": shots, "seeds": list(seeds)}
 
 

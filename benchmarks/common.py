@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,21 @@ def random_weights(name: str, data_dir: Path) -> Path:
 
 def make_encoder(loaded: LoadedModel, backend: str, config: BenchConfig) -> Encoder:
     return encoder_for(loaded, backend, config.settings(backend, max_batch=max(config.batches)))
+
+
+def backend_encoders(
+    loaded: LoadedModel, backends: Sequence[str], config: BenchConfig
+) -> Iterator[tuple[str, Encoder, float]]:
+    """(backend, its encoder, seconds to prepare it) for each backend in turn. The caller ends its loop body
+    with `del encoder`; the previous encoder is then collected before the next is made, so two backends'
+    sessions are never in memory at once."""
+    for backend in backends:
+        gc.collect()
+        started = time.perf_counter()
+        encoder = make_encoder(loaded, backend, config)
+        yield backend, encoder, time.perf_counter() - started
+        del encoder
+    gc.collect()
 
 
 def model_label(loaded: LoadedModel) -> str:

@@ -16,15 +16,7 @@ from app.encoder.encoder import Encoder
 from app.encoder.factory import ModelDefaults, available_backends
 from app.images import ImageLimits, decode_image
 
-from .common import (
-    BenchConfig,
-    load_bench_model,
-    make_encoder,
-    model_label,
-    per_second,
-    table,
-    time_calls,
-)
+from .common import BenchConfig, backend_encoders, load_bench_model, model_label, per_second, table, time_calls
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +81,7 @@ def bench_encoders(config: BenchConfig) -> dict[str, Any]:
         gflops = image_gflops(loaded)
         probes = None
         reference = None
-        for backend in backends:
-            started = time.perf_counter()
-            encoder = make_encoder(loaded, backend, config)
-            prepare = time.perf_counter() - started
+        for backend, encoder, prepare in backend_encoders(loaded, backends, config):
             if probes is None:
                 probes = encoder.preprocessor.eval_pixels(real_images(config, config.probes))
             features = encoder.encode_pixels(probes)
@@ -117,7 +106,6 @@ def bench_encoders(config: BenchConfig) -> dict[str, Any]:
             log.info("bench %s %s -> %s: %s img/s", name, backend, encoder.backend, row["img_per_s"])
             out["rows"].append(row)
             del encoder
-            gc.collect()
         del loaded
         gc.collect()
     return out

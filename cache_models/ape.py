@@ -162,6 +162,33 @@ class APE(KeyCacheMethod):
         self._omega = self._projected.omega(float(hp["gamma"]))
         self._index = KeyIndex.from_keys(self._projected.keys)
 
+    def _extra_state(self) -> dict[str, np.ndarray]:
+        # The channel criterion and the keys' divergence (one [M, N] text prior over the selected channels,
+        # O(M N n_channels): most of a restore's time at 1000 classes) are stored; the projection is a copy.
+        return {"channels": self._projected.channels, "divergence": self._projected.divergence}
+
+    def _restore(self, support: Support, state: Mapping[str, np.ndarray]) -> None:
+        channels, divergence = state.get("channels"), state.get("divergence")
+        n = self.resolve_channels(int(self._hp["n_channels"]), support.dim)
+        if (
+            channels is None
+            or divergence is None
+            or channels.shape != (n,)
+            or divergence.shape != (support.n_rows,)
+            or not np.issubdtype(channels.dtype, np.integer)
+            or channels.min() < 0
+            or channels.max() >= support.dim
+            or np.any(np.diff(channels) <= 0)
+            or not np.all(np.isfinite(divergence))
+        ):
+            self._fit(support)  # older or partial state: refit
+            return
+        self._projected = _Channels(
+            support, np.asarray(channels, dtype=np.int64), np.asarray(divergence, dtype=np.float64)
+        )
+        self._omega = self._projected.omega(float(self._hp["gamma"]))
+        self._index = KeyIndex.from_keys(self._projected.keys)
+
     def _predict(self, queries: FloatArray, top_k: int | None) -> FloatArray:
         queries_sel = select_renormalised(queries, self._projected.channels)
         affinity, ids = self._neighbours(queries_sel, top_k)

@@ -298,6 +298,16 @@ class CacheMethod(ABC):
         self._support = support
         return self
 
+    def held_arrays(self) -> list[np.ndarray]:
+        """Every array this fitted method holds beyond its support's: its derived state (e.g. APE's channel
+        keys, GDA's discriminant) and its tuning report. What fitting it adds to a caller's memory; the
+        support's arrays are shared by every method fitted on it, so the caller counts them once."""
+        support = self._require_fitted()
+        shared = [getattr(support, name) for name in (*SUPPORT_ARRAYS, "source_rows")]
+        return [
+            array for array in _reachable_arrays(self) if not any(np.may_share_memory(array, other) for other in shared)
+        ]
+
     def extra_state(self) -> dict[str, np.ndarray]:
         """The arrays of `get_state` that are the method's own (not its support's)."""
         self._require_fitted()
@@ -308,3 +318,25 @@ class CacheMethod(ABC):
 
     def _restore(self, support: Support, state: Mapping[str, np.ndarray]) -> None:
         self._fit(support)
+
+
+def _reachable_arrays(root: object) -> list[np.ndarray]:
+    """The arrays reachable from `root` through this package's objects and plain containers (a `Support` is
+    not entered: it is shared)."""
+    found: list[np.ndarray] = []
+    seen: set[int] = set()
+    stack: list[object] = [root]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, Support):
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif type(item).__module__.startswith(__package__ or "cache_models") and hasattr(item, "__dict__"):
+            stack.extend(vars(item).values())
+    return found

@@ -1,4 +1,4 @@
-"""Fit every method on a task's shots by leave-one-out and choose the one classify uses."""
+"""Tune every method on a task's shots by leave-one-out and choose the one classify uses."""
 
 from __future__ import annotations
 
@@ -17,12 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def method_fit(method: CacheMethod) -> MethodFit:
+    """What a task keeps of a tuned (or given-hyper-parameter) fit; the fitted arrays are not part of it."""
     report = method.tune_report
+    name, hyperparams, state = method.name, method.hyperparams, method.extra_state()
     if report is None:  # fitted with given hyper-parameters, not tuned
-        return MethodFit(method, None, None, 1.0, None, 0, "not tuned")
+        return MethodFit(name, hyperparams, state, None, None, 1.0, None, 0, "not tuned")
     threshold = abstain_threshold(report.confidence, report.correct) if report.n_scored else None
     return MethodFit(
-        method=method,
+        name=name,
+        hyperparams=hyperparams,
+        state=state,
         loo_accuracy=report.accuracy,
         loo_nll=report.nll,
         temperature=report.temperature,
@@ -34,21 +38,20 @@ def method_fit(method: CacheMethod) -> MethodFit:
     )
 
 
-def fit_methods(supports: TaskSupports, *, scale: float, methods: Sequence[str] = METHODS) -> dict[str, MethodFit]:
-    """Tune each method by leave-one-out on the task's shared support (no re-encoding, no copies)."""
-    fits = {}
+def fit_methods(supports: TaskSupports, *, scale: float, methods: Sequence[str] = METHODS) -> dict[str, CacheMethod]:
+    """Each method tuned by leave-one-out on the task's shared support (no re-encoding, no copies)."""
+    tuned = {}
     for name in methods:
         started = time.monotonic()
-        method = fit_method(name, supports, scale=scale)
-        fits[name] = method_fit(method)
-        log.debug("tuned %s in %.2f s: %s", name, time.monotonic() - started, fits[name].summary())
-    return fits
+        tuned[name] = fit_method(name, supports, scale=scale)
+        log.debug("tuned %s in %.2f s: %s", name, time.monotonic() - started, tuned[name].hyperparams)
+    return tuned
 
 
-def choose_method(target: str, fits: Mapping[str, MethodFit], default: str) -> str:
+def choose_method(target: str, tuned: Mapping[str, CacheMethod], default: str) -> str:
     """`auto`: the best held-out score on shared shot folds (`pick_best`, the one selection rule); else
     `target`, which request validation has checked is a method name."""
     if target == AUTO:
-        best = pick_best({name: fit.method for name, fit in fits.items()})
+        best = pick_best(dict(tuned))
         return best if best is not None else default
     return target

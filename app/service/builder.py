@@ -1,6 +1,6 @@
 """Turning checked shots into a `Task`: decode, encode through the queue's bulk and text lanes, and every
-method tuned by leave-one-out. Pure construction: no registry, no store, no locks, no validation (the
-request was checked once, in requests.py; the service core owns the rest)."""
+method tuned by leave-one-out (only the chosen one stays fitted). Pure construction: no registry, no store,
+no locks, no validation (the request was checked once, in requests.py; the service core owns the rest)."""
 
 from __future__ import annotations
 
@@ -166,8 +166,11 @@ class TaskBuilder:
         scale = self.encoder.logit_scale
         if hyperparams is not None:
             fixed = fit_method(target, task.supports, scale=scale, hyperparams=dict(hyperparams))
-            fits = fit_methods(task.supports, scale=scale, methods=[m for m in METHODS if m != target])
-            fits[target] = method_fit(fixed)
+            tuned = fit_methods(task.supports, scale=scale, methods=[m for m in METHODS if m != target])
+            tuned[target] = fixed
         else:
-            fits = fit_methods(task.supports, scale=scale)
-        return replace(task, fits=fits, method=choose_method(target, fits, self.default_method))
+            tuned = fit_methods(task.supports, scale=scale)
+        method = choose_method(target, tuned, self.default_method)
+        built = replace(task, fits={name: method_fit(m) for name, m in tuned.items()}, method=method)
+        built.fitted.keep(tuned[method])  # the others are fitted again on first use (task.py)
+        return built

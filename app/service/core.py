@@ -39,6 +39,7 @@ from cache_models import METHODS
 from . import metrics
 from .admission import Admission, Permit
 from .builder import Progress, TaskBuilder
+from .heap import release_freed_memory
 from .persist import from_snapshot, to_snapshot
 from .queue import EncoderQueue
 from .registry import BuildStatus, Key, TaskRegistry
@@ -257,6 +258,7 @@ class TaskService:
         with self.registry.writing(key):
             task = self.builder.new_task(tenant, task_id, checked, self._progress(key, len(checked.images)))
             self.registry.save(task)
+        release_freed_memory()  # the tuning's temporaries (heap.py)
         metrics.TASK_BUILD_SECONDS.observe(time.monotonic() - started)
         log.info(
             "task %s/%s created: %d shots, %d classes, method %s, %.1f s",
@@ -289,6 +291,7 @@ class TaskService:
             checked = self.rules.add_shots(request, old)
             task = self.builder.with_shots(old, checked, self._progress(key, len(checked.images)))
             self.registry.save(task)
+        release_freed_memory()
         metrics.TASK_BUILD_SECONDS.observe(time.monotonic() - started)
         log.info(
             "task %s/%s v%d: +%d shots, %.1f s", *key, task.version, len(checked.images), time.monotonic() - started

@@ -1,5 +1,8 @@
 """Task <-> store snapshot. The store is schema-agnostic; this module is the schema.
 
+Loading fits only the task's own method; the others keep their stored state and are fitted on first use
+(task.py).
+
 The shots (features in shot order, labels, seeds) and the class text are stored once; each method adds
 only the state that is its own (`CacheMethod.extra_state`, e.g. Tip-X's psi constants), since its
 support is rebuilt from the shared arrays exactly as at build. Nothing else is stored: no FAISS index
@@ -33,12 +36,12 @@ def to_snapshot(task: Task) -> TaskSnapshot:
     }
     methods_meta = {}
     for name, fit in task.fits.items():
-        for key, value in fit.method.extra_state().items():
+        for key, value in fit.state.items():
             arrays[f"method/{name}/{key}"] = value
         arrays[f"loo/{name}/labels"] = fit.loo_labels
         arrays[f"loo/{name}/predicted"] = fit.loo_predicted
         methods_meta[name] = {
-            "hyperparams": fit.method.hyperparams,
+            "hyperparams": dict(fit.hyperparams),
             "loo_accuracy": fit.loo_accuracy,
             "loo_nll": fit.loo_nll,
             "temperature": fit.temperature,
@@ -76,12 +79,13 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
     supports = make_supports(features, labels, text, views)
     fits = {}
     for name, info in meta["methods"].items():
-        cls = get_method(name)
+        hyperparams = get_method(name)(**info["hyperparams"]).hyperparams  # checked now, fitted on first use
         prefix = f"method/{name}/"
         state = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
-        method = cls(**info["hyperparams"]).restore_support(supports.for_method(cls), state)
         fits[name] = MethodFit(
-            method=method,
+            name=name,
+            hyperparams=hyperparams,
+            state=state,
             loo_accuracy=info["loo_accuracy"],
             loo_nll=info["loo_nll"],
             temperature=float(info["temperature"]),
@@ -94,7 +98,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         )
     if meta["method"] not in fits:
         raise ValueError(f"task method {meta['method']!r} has no fitted state")
-    return Task(
+    task = Task(
         tenant=snapshot.tenant,
         task_id=snapshot.task_id,
         name=meta["name"],
@@ -114,3 +118,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         thumbnail_data=np.asarray(arrays.get("thumbnails", np.zeros(0)), dtype=np.uint8),
         thumbnail_offsets=np.asarray(arrays.get("thumbnail_offsets", np.zeros(1)), dtype=np.int64),
     )
+    # The method classify uses is fitted now (a state it cannot use fails the load here, not a request);
+    # the others on their first use.
+    task.fitted.keep(task.fits[task.method].fit(supports))
+    return task

@@ -17,7 +17,9 @@ no caller ever iterates them outside it: readers get immutable values (a frozen 
 Seam for a shared store and a memory budget (issue 12): give the registry any `TaskStore` (e.g. a
 PostgreSQL one) and `check_freshness=True`; pass `budget_bytes` to bound the cached tasks' memory. The
 cache is kept in least-recently-used order, and `_evict_over_budget` drops the oldest entries (a dropped
-task is reloaded on its next `get`); override `_on_evict` to observe evictions. Listing: with a budget
+task is reloaded on its next `get`); override `_on_evict` to observe evictions. A task's size is what it
+holds (`Task.nbytes`), counted again whenever a method's first use fits it (`_resized`), so a method fitted
+late counts against the budget like one fitted at load. Listing: with a budget
 or freshness checks the cache is not the whole truth, so `list` asks the store for the ids.
 """
 
@@ -38,6 +40,7 @@ from app.store.base import check_id
 from app.store.builds import BuildBoard, BuildRecord, BuildState
 
 from . import metrics
+from .heap import release_freed_memory
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ class TaskRegistry:
         self._lock = threading.Lock()
         self._tasks: collections.OrderedDict[Key, Task] = collections.OrderedDict()  # LRU order
         self._bytes = 0
+        self._sizes: dict[Key, int] = {}  # what each cached task counts in _bytes
         self._foreign: dict[Key, str] = {}  # tasks built with another model: their model id
         self._builds: dict[Key, BuildStatus] = {}
         self.build_board: BuildBoard | None = build_board
@@ -124,6 +128,8 @@ class TaskRegistry:
             except (ValueError, KeyError, TypeError) as exc:
                 self.damaged.append(DamagedTask(snapshot.tenant, snapshot.task_id, "store", f"unusable: {exc}"))
                 log.error("task %s/%s could not be rebuilt, skipped: %s", snapshot.tenant, snapshot.task_id, exc)
+        del snapshots
+        release_freed_memory()  # the fits' temporaries, freed between the tasks' arrays (heap.py)
         log.info(
             "restored %d task(s); %d damaged, %d from other models",
             len(self._tasks),
@@ -334,10 +340,28 @@ class TaskRegistry:
                 return current
             self._drop(task.key)
             self._tasks[task.key] = task
-            self._bytes += task.nbytes
+            self._sizes[task.key] = size = task.nbytes
+            self._bytes += size
+            task.fitted.on_resize = lambda: self._resized(task)
             self._evict_over_budget(keep=task.key)
             metrics.TASKS_STORED.set(len(self._tasks))
             return task
+
+    def _resized(self, task: Task) -> None:
+        """A cached task fitted another method: count its new size, evict others if over budget."""
+        with self._lock:
+            if self._tasks.get(task.key) is not task:  # evicted or replaced meanwhile: not counted
+                return
+            size = task.nbytes
+            self._bytes += size - self._sizes[task.key]
+            self._sizes[task.key] = size
+            self._evict_over_budget(keep=task.key)
+
+    @property
+    def cached_bytes(self) -> int:
+        """What the cached tasks hold, as the budget counts it."""
+        with self._lock:
+            return self._bytes
 
     def _forget(self, key: Key, version: int | None) -> None:
         """Drop the cached copy if it is still `version` (None: whatever is cached)."""
@@ -349,7 +373,7 @@ class TaskRegistry:
     def _drop(self, key: Key) -> None:  # holds self._lock
         task = self._tasks.pop(key, None)
         if task is not None:
-            self._bytes -= task.nbytes
+            self._bytes -= self._sizes.pop(key)
             metrics.TASKS_STORED.set(len(self._tasks))
 
     def _evict_over_budget(self, *, keep: Key) -> None:  # holds self._lock

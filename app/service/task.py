@@ -2,11 +2,19 @@
 
 An update builds a new `Task` beside the old one and swaps the reference, so a classify call that took
 the reference sees one version whole, never a mix.
+
+Every method is tuned at build (the task reports them all), but only the one classify uses by default
+is kept fitted; another is fitted on first use from what its `MethodFit` keeps (its hyper-parameters
+and own stored arrays, exactly as a restore fits it), and then kept. A fitted method's derived arrays
+(APE's channel keys, GDA's discriminant, ...) cost about as much as a task's keys, and GDA's fit is most
+of a restore's time, so a task costs memory and restore time for the methods it serves, not for all six.
+`Task.nbytes` counts what is fitted at the time; the registry is told when that grows (`on_resize`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +23,13 @@ import numpy.typing as npt
 
 from app import thumbnails
 from app.encoder import ClassPrompts
+from app.errors import AppError, ErrorCode
 from app.fewshot import TaskSupports
-from cache_models import CacheMethod
+from cache_models import CacheMethod, get_method
+from cache_models.base import HyperValue
 from cache_models.evidence import nearest_shots
+
+from .heap import release_freed_memory
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -30,9 +42,12 @@ MIN_CORRECT_FOR_THRESHOLD = 5
 
 @dataclass(frozen=True)
 class MethodFit:
-    """A fitted method with what leave-one-out said about it."""
+    """A tuned method: its hyper-parameters, its own arrays (`CacheMethod.extra_state`: what fitting it
+    again on the task's support needs, e.g. ProKeR's coefficients) and what leave-one-out said about it."""
 
-    method: CacheMethod
+    name: str
+    hyperparams: Mapping[str, HyperValue]
+    state: Mapping[str, np.ndarray]
     loo_accuracy: float | None
     loo_nll: float | None
     temperature: float  # calibrated probabilities are softmax(logits / temperature)
@@ -49,14 +64,15 @@ class MethodFit:
         np.add.at(out, (self.loo_labels, self.loo_predicted), 1)
         return out
 
-    @property
-    def name(self) -> str:
-        return self.method.name
+    def fit(self, supports: TaskSupports) -> CacheMethod:
+        """The method fitted on the task's support, as restore fits it (`restore_support`)."""
+        cls = get_method(self.name)
+        return cls(**self.hyperparams).restore_support(supports.for_method(cls), self.state)
 
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.name,
-            "hyperparams": self.method.hyperparams,
+            "hyperparams": dict(self.hyperparams),
             "loo_accuracy": self.loo_accuracy,
             "loo_nll": self.loo_nll,
             "temperature": self.temperature,
@@ -71,6 +87,58 @@ def abstain_threshold(confidence: FloatArray, correct: npt.NDArray[np.bool_]) ->
     if right.size < MIN_CORRECT_FOR_THRESHOLD:
         return None
     return float(np.quantile(right, 1.0 - ABSTAIN_KEEP_FRACTION))
+
+
+class FittedMethods:
+    """A task's fitted methods: made on first use, then kept for the task's life (one lock per task)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._methods: dict[str, CacheMethod] = {}
+        self.on_resize: Callable[[], None] | None = None  # called after a fit made the task bigger
+
+    def get(self, name: str, fit: Callable[[], CacheMethod]) -> CacheMethod:
+        method = self._methods.get(name)
+        if method is not None:
+            return method
+        with self._lock:  # concurrent first uses fit once
+            method = self._methods.get(name)
+            if method is None:
+                method = self._methods[name] = fit()
+                made = True
+            else:
+                made = False
+        if made:
+            release_freed_memory()  # the fit's temporaries (e.g. GDA's [d, d] scatter)
+            listener = self.on_resize
+            if listener is not None:
+                listener()
+        return method
+
+    def keep(self, method: CacheMethod) -> None:
+        with self._lock:
+            self._methods[method.name] = method
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._methods)
+
+    def arrays(self) -> list[np.ndarray]:
+        with self._lock:
+            methods = list(self._methods.values())
+        return [a for m in methods for a in m.held_arrays()]
+
+
+def unique_nbytes(arrays: Iterable[np.ndarray]) -> int:
+    """Bytes of the memory behind `arrays`, each buffer counted once (views and repeats are not)."""
+    owners: dict[int, int] = {}
+    for array in arrays:
+        owner: Any = array
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        owners[id(owner)] = max(owners.get(id(owner), 0), int(owner.nbytes))
+    return sum(owners.values())
 
 
 @dataclass(frozen=True)
@@ -103,10 +171,23 @@ class Task:
     # One small JPEG per shot (app.thumbnails' pack); empty for tasks stored before thumbnails existed.
     thumbnail_data: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
     thumbnail_offsets: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
+    # Not an init field: `dataclasses.replace` (a new version) starts with none fitted, never the old ones.
+    fitted: FittedMethods = field(default_factory=FittedMethods, init=False, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.tenant, self.task_id)
+
+    def model(self, name: str | None = None) -> CacheMethod:
+        """The fitted method `name` (default: the task's), fitted now if this is its first use: CPU work,
+        call it from a worker thread. A stored state that no longer fits is `task_damaged`."""
+        fit = self.fits[name or self.method]
+        try:
+            return self.fitted.get(fit.name, lambda: fit.fit(self.supports))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AppError(
+                ErrorCode.TASK_DAMAGED, f"task {self.task_id}: method {fit.name} cannot be fitted: {exc}"
+            ) from None
 
     @property
     def shot_features(self) -> FloatArray:
@@ -125,9 +206,13 @@ class Task:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the shared support and the thumbnails (what a memory budget counts; the fits add their own
-        state)."""
-        return self.supports.nbytes + int(self.shot_seeds.nbytes + self.thumbnail_data.nbytes)
+        """Bytes of what the task holds now (what the memory budget counts): the shared support, the
+        thumbnails, every method's stored state and leave-one-out labels, and the derived arrays of the
+        methods fitted so far."""
+        fits = [a for f in self.fits.values() for a in (*f.state.values(), f.loo_labels, f.loo_predicted)]
+        own: list[np.ndarray] = [self.shot_seeds, self.thumbnail_data, self.thumbnail_offsets, *fits]
+        own += self.fitted.arrays()
+        return self.supports.nbytes + unique_nbytes(own)
 
     def thumbnail(self, shot: int) -> bytes | None:
         return thumbnails.thumbnail(self.thumbnail_data, self.thumbnail_offsets, shot)
@@ -157,7 +242,7 @@ class Task:
                 ]
                 for rows, cos in zip(index, cosine, strict=True)
             ]
-        logits = fit.method.predict(features).astype(np.float64) / fit.temperature
+        logits = self.model(fit.name).predict(features).astype(np.float64) / fit.temperature
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(axis=1, keepdims=True)

@@ -160,3 +160,18 @@ def test_methods_fitted_on_one_support_share_its_keys() -> None:
         np.testing.assert_array_equal(method.predict(t.queries), fresh.predict(t.queries))
     for name in ("tip-adapter", "tip-x"):
         assert np.shares_memory(fitted[name]._index.vectors(), support.keys), name  # no copy for the search
+
+
+def test_ape_restores_its_stored_channels_and_refits_from_a_partial_state() -> None:
+    t = make_task(26, n_classes=4, shots=3, dim=8)
+    fitted = get_method("ape")(n_channels=4).fit(t.keys, t.labels, t.text)
+    state = fitted.get_state()
+    assert state["channels"].shape == (4,)
+    assert state["divergence"].shape == (t.labels.size,)
+    expected = fitted.predict(t.queries)
+    restored = get_method("ape")(n_channels=4).set_state(state)
+    np.testing.assert_array_equal(restored.channels, fitted.channels)
+    np.testing.assert_array_equal(restored.predict(t.queries), expected)
+    for broken in ({"channels": state["channels"][:3]}, {"divergence": state["divergence"][:-1]}):
+        again = get_method("ape")(n_channels=4).set_state({**state, **broken})  # refitted, not trusted
+        np.testing.assert_array_equal(again.predict(t.queries), expected)
