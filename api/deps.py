@@ -1,4 +1,9 @@
-"""FastAPI dependencies: the service, and the calling tenant (auth)."""
+"""FastAPI dependencies: the service, and the calling tenant (auth).
+
+All `async def`, though none awaits: FastAPI runs a plain `def` dependency in its thread pool, two thread
+hand-offs per dependency on every request (measured on the classify path: docs/benchmarks.md, served section).
+They only read app state and compare key digests, so they run on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,14 @@ from .auth import PUBLIC_TENANT, Caller, KeyRing
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` when SHOTCACHE_API_KEYS is set.")
 
 
-def get_service(request: Request) -> TaskService:
+async def get_service(request: Request) -> TaskService:
     service: TaskService | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         raise AppError(ErrorCode.NOT_READY, "the service is starting; retry shortly")
     return service
 
 
-def get_caller(
+async def get_caller(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Caller:
     keys: KeyRing = request.app.state.keys
@@ -36,7 +41,7 @@ def get_caller(
     return caller
 
 
-def get_admin(caller: Annotated[Caller, Depends(get_caller)], request: Request) -> Caller:
+async def get_admin(caller: Annotated[Caller, Depends(get_caller)], request: Request) -> Caller:
     if not caller.admin and not request.app.state.keys.open:
         raise AppError(ErrorCode.FORBIDDEN, "this route needs an admin key")
     return caller

@@ -188,13 +188,17 @@ def decode_image(
         ) from exc
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shortest side to `size` (bicubic, antialiased), then center-crop `size` x `size`.
+def resize_center_crop(
+    img: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """Resize the shortest side to `size` (bicubic unless `resample` says otherwise, antialiased), then
+    center-crop `size` x `size`.
 
-    Pixel for pixel what open_clip's eval transform does to a PIL image (torchvision `Resize(size, BICUBIC)` then
-    `CenterCrop(size)`), without torchvision. Deliberately not faster tricks: PIL's `reducing_gap` and resizing
-    only the crop `box` both change pixels (measured in docs/reliability.md). Large JPEGs are made cheap earlier,
-    by `decode_image(..., min_decode_side=...)`.
+    Pixel for pixel what open_clip's eval transform does to a PIL image (torchvision `Resize(size, BICUBIC)`
+    then `CenterCrop(size)`; `BILINEAR` for the models whose preprocessing says so), without torchvision.
+    Deliberately not faster tricks: PIL's `reducing_gap` and resizing only the crop `box` both change pixels
+    (measured in docs/reliability.md). Large JPEGs are made cheap earlier, by
+    `decode_image(..., min_decode_side=...)`.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -205,7 +209,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         resized_width, resized_height = size, int(size * height / width)
     else:
         resized_width, resized_height = int(size * width / height), size
-    resized = img.resize((resized_width, resized_height), Image.Resampling.BICUBIC)
+    resized = img.resize((resized_width, resized_height), resample)
     # torchvision's CenterCrop offsets (Python's round: half to even).
     left = round((resized_width - size) / 2.0)
     top = round((resized_height - size) / 2.0)

@@ -253,9 +253,9 @@ def decode_markdown(result: dict[str, Any], encoder: dict[str, Any] | None) -> s
     return text
 
 
-def default_rate(encoder: dict[str, Any] | None, model_prefix: str, batch: int) -> float | None:
-    """Raw img/s of a model's default backend at `batch`, from the encoder section."""
+def raw_rate(encoder: dict[str, Any] | None, model_prefix: str, backend: str, batch: int) -> float | None:
+    """Raw img/s of a model on `backend` (the one a server ended up using) at `batch`, from the encoder section."""
     for r in (encoder or {}).get("rows", []):
-        if r["default"] and r["model"].startswith(model_prefix) and batch in r["img_per_s"]:
+        if r["used"] == backend and r["model"].startswith(model_prefix) and batch in r["img_per_s"]:
             return float(r["img_per_s"][batch])
     return None

@@ -1,5 +1,5 @@
 """The markdown of `shotcache bench`: one section of docs/benchmarks.md between fixed markers, the targets
-of issue 5 checked against the measurements, rewritten in place on every run."""
+of issue 15 checked against the measurements, rewritten in place on every run."""
 
 from __future__ import annotations
 
@@ -27,18 +27,16 @@ NOTES = """Notes on reading these tables:
   (EfficientNet-Lite0) has no MatMul, so its `onnx-int8` runs the fp32 graph and reports `onnx`; its MiniLM
   text tower fails the int8 export check (min cosine ≈ 0.87, bound 0.99) and stays fp32 as well. ViT-B-32's
   text tower passes (≈ 0.999) and runs int8.
-- ViT-B-32 runs with random weights (same FLOPs as the real model): its speed is real, its accuracy is not,
-  so the int8 accuracy bound can only be checked on the stand-in, where int8 changes nothing. ViT-B-32's
-  default `onnx-int8` is chosen on speed; its accuracy cost on real CLIP weights is unmeasured here (random
-  weights give min cosine ≈ 0.9998 to torch; real CLIP activations have outliers that per-tensor int8
-  handles worse). `SHOTCACHE_BACKEND=onnx` is the exact fallback.
-- No bf16 backend: torch bf16 autocast was slower than fp32 eager for ViT-B-32 in every interleaved trial
-  (≈ 0.7x at batch 32) and cost the stand-in 0.5-1.3 accuracy points at 16 shots; a bf16 copy of the model
-  reached ≈ 2x eager at batch 32, still 2-4x slower than `onnx-int8`.
+- ViT-B-32 and MobileCLIP2-S0 run with random weights (same FLOPs as the real models): their speed is real,
+  their accuracy is not; the cosine column (real images, against torch fp32) is the fidelity evidence.
+  `auto` keeps a backend only at min cosine ≥ 0.999 to fp32 (app/encoder/choice.py), so an int8 or bf16
+  path that is faster but below it is listed here and not served. Real CLIP activations have outliers that
+  random weights lack: int8 is riskier on real weights than these cosines say, bf16 (fp32's exponent range)
+  much less so.
 - Served numbers: `shotcache serve` in a subprocess on the same cores as the httpx load generator; one
   image per request; "outside encoder" is 1 - (encoder-call seconds / classify-request seconds), both from
   the server's /metrics, at 1 client (every request is one encoder call). "of raw encoder" divides by the
-  encoder table's best call at batch 1 (1 client) or 8 (8 clients).
+  encoder table's best call, on the backend the server runs, at batch 1 (1 client) or 8 (8 clients).
 - Peak RSS includes ≈ 0.9 GB that `import torch, open_clip, transformers` costs before any model loads
   with the CUDA torch wheel of this venv (the Docker image's CPU wheel is smaller).
 """
@@ -49,60 +47,78 @@ def stamp(meta: dict[str, Any]) -> str:
     return f"_{m['nproc']} x {m['cpu']}, {m['date']}, load {m['load']}: `{meta['command']}`_"
 
 
+VIT_BATCH32_IMG_PER_S = 140.0  # issue 15: ViT-B-32 at batch 32, at cosine >= FIDELITY to torch fp32
+VIT_X_EAGER = 4.3
+FIDELITY = 0.999
+OUTSIDE_SHARE = {"ViT-B-32": 0.10, "offline-standin": 0.20}  # issue 15, 1 client
+SERVED_VS_RAW = 0.75  # issue 15, 8 clients
+
+
 def targets(results: dict[str, Any]) -> list[list[object]]:
-    """[target, measured, status, what limits it] rows; a missed target says by how much, from the numbers."""
+    """[target, measured, status, what limits it] rows (issue 15); a missed target says by how much."""
     rows: list[list[object]] = []
     encoder_rows = results.get("encoder", {}).get("rows", [])
-    for r in encoder_rows:
-        if r["model"].startswith("ViT-B-32") and r["backend"] == "onnx-int8" and 32 in r["img_per_s"]:
-            eager = next(x for x in encoder_rows if x["model"] == r["model"] and x["backend"] == "torch")
-            rate, eager_rate = r["img_per_s"][32], eager["img_per_s"][32]
-            rows.append(
-                _target(
-                    "ViT-B-32 onnx-int8 ≥ 40 img/s at batch 32", f"{rate:.1f} img/s", rate >= 40, f"by {40 - rate:.1f}"
-                )
+    vit = [r for r in encoder_rows if r["model"].startswith("ViT-B-32") and 32 in r["img_per_s"]]
+    eager = next((r for r in vit if r["backend"] == "torch"), None)
+    faithful = [r for r in vit if r["backend"] == r["used"] and r["min_cosine"] >= FIDELITY]
+    if eager and faithful:
+        best = max(faithful, key=lambda r: r["img_per_s"][32])
+        rate, eager_rate = best["img_per_s"][32], eager["img_per_s"][32]
+        fastest = max(vit, key=lambda r: r["img_per_s"][32])
+        limit = f"fastest within cosine {FIDELITY}: {best['backend']}"
+        if fastest is not best:
+            limit += (
+                f"; {fastest['backend']} runs {fastest['img_per_s'][32]:.1f} img/s at min cosine "
+                f"{fastest['min_cosine']:.5f}"
             )
-            rows.append(
-                _target(
-                    "ViT-B-32 onnx-int8 ≥ 6x eager fp32 at batch 32",
-                    f"{rate / eager_rate:.1f}x",
-                    rate >= 6 * eager_rate,
-                    f"by {6 - rate / eager_rate:.1f}x",
-                    f"eager fp32 runs {eager_rate:.1f} img/s here (the issue's baseline: 6.8): 6x needs "
-                    f"{6 * eager_rate:.0f} img/s at batch 32; int8's best here is {max(r['img_per_s'].values()):.1f} "
-                    f"img/s (batch {max(r['img_per_s'], key=r['img_per_s'].get)})",
-                )
+        rows.append(
+            _target(
+                f"ViT-B-32 ≥ {VIT_BATCH32_IMG_PER_S:.0f} img/s at batch 32, min cosine ≥ {FIDELITY} "
+                f"({best['backend']})",
+                f"{rate:.1f} img/s (min cosine {best['min_cosine']:.5f})",
+                rate >= VIT_BATCH32_IMG_PER_S,
+                f"by {VIT_BATCH32_IMG_PER_S - rate:.1f} img/s",
+                limit,
             )
+        )
+        rows.append(
+            _target(
+                f"ViT-B-32 ≥ {VIT_X_EAGER}x eager fp32 at batch 32 ({best['backend']})",
+                f"{rate / eager_rate:.1f}x (eager {eager_rate:.1f} img/s)",
+                rate >= VIT_X_EAGER * eager_rate,
+                f"by {VIT_X_EAGER - rate / eager_rate:.1f}x",
+            )
+        )
     for r in results.get("served", {}).get("rows", []):
-        runs = {run["concurrency"]: run for run in r["runs"]}
         name = f"{r['model']} `{r['used']}`"
-        if 8 in runs and runs[8]["served_vs_raw"]:
-            share, run = runs[8]["served_vs_raw"], runs[8]
-            rows.append(
-                _target(
-                    f"{name}: served img/s at 8 clients ≥ 75% of the raw encoder's at batch 8",
-                    f"{100 * share:.0f}%",
-                    share >= 0.75,
-                    f"by {100 * (0.75 - share):.0f} points",
-                    f"{run['raw_img_per_s']:.0f} img/s raw leaves {1000 / run['raw_img_per_s']:.1f} ms/image; HTTP, "
-                    f"multipart, decode and the load generator's own requests share the same 2 cores; "
-                    f"{run['mean_batch']:.1f} images per encoder call",
+        bound = next((v for k, v in OUTSIDE_SHARE.items() if r["model"].startswith(k)), None)
+        for run in r["runs"]:
+            body = run.get("body", "multipart")
+            if run["concurrency"] == 8 and run.get("served_vs_raw") and r["backend"] == "auto":
+                share = run["served_vs_raw"]
+                rows.append(
+                    _target(
+                        f"{name}, {body}: served img/s at 8 clients ≥ {SERVED_VS_RAW:.0%} of the raw encoder's at "
+                        "batch 8",
+                        f"{100 * share:.0f}% of {run['raw_img_per_s']:.0f}",
+                        share >= SERVED_VS_RAW,
+                        f"by {100 * (SERVED_VS_RAW - share):.0f} points",
+                        f"{run['mean_batch']:.1f} images per encoder call ({run['encode_call_ms']:.1f} ms each); "
+                        "HTTP, decode and the load generator share the same 2 cores",
+                    )
                 )
-            )
-        if 1 in runs:
-            run = runs[1]
-            outside_ms = run["server_request_ms"] - run["encode_call_ms"]
-            rows.append(
-                _target(
-                    f"{name}: time outside the encoder ≤ 10% of a request (1 client)",
-                    f"{100 * run['outside_share']:.0f}% ({outside_ms:.1f} ms)",
-                    run["outside_share"] <= 0.10,
-                    f"by {100 * (run['outside_share'] - 0.10):.0f} points",
-                    f"{outside_ms:.1f} ms of HTTP, multipart parsing, decode + preprocess and the cache per request "
-                    f"beside a {run['encode_call_ms']:.1f} ms encoder call: 10% needs an encoder call "
-                    f"≥ {9 * outside_ms:.0f} ms",
+            if run["concurrency"] == 1 and bound is not None and r["backend"] == "auto":
+                outside_ms = run["server_request_ms"] - run["encode_call_ms"]
+                rows.append(
+                    _target(
+                        f"{name}, {body}: time outside the encoder ≤ {bound:.0%} of a request (1 client)",
+                        f"{100 * run['outside_share']:.0f}% ({outside_ms:.1f} ms)",
+                        run["outside_share"] <= bound,
+                        f"by {100 * (run['outside_share'] - bound):.0f} points",
+                        f"{outside_ms:.1f} ms of HTTP, decode + preprocess and the cache per request beside a "
+                        f"{run['encode_call_ms']:.1f} ms encoder call",
+                    )
                 )
-            )
     for dataset, method, gap in int8_gap(results.get("accuracy", {})):
         rows.append(
             _target(
@@ -155,7 +171,7 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
     if meta.get("busy"):
         parts += [f"**The machine was busy (load average {m['load']} on {m['nproc']} cores): numbers are noisy.**", ""]
     sections: list[tuple[str, Callable[[], str]]] = [
-        ("Targets (issue 5)", lambda: table(["target", "measured", "status", "why"], targets(results), "lrll")),
+        ("Targets (issue 15)", lambda: table(["target", "measured", "status", "why"], targets(results), "lrll")),
         ("Encoder throughput per backend", lambda: encoder_markdown(results["encoder"], meta["batches"])),
         (
             "Decoding and preprocessing vs the encoder",

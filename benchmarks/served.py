@@ -28,7 +28,7 @@ import numpy as np
 from app.encoder.standin import standin_dir
 
 from .common import VIT_NAME, BenchConfig, percentile, random_weights, table
-from .encoders import default_rate, jpeg_bytes
+from .encoders import jpeg_bytes, raw_rate
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +255,11 @@ def bench_server(config: BenchConfig, model: str, backend: str, encoder: dict[st
         server.stop()
     label = "offline" if model == "offline" else VIT_NAME
     for run in runs:
-        raw = default_rate(encoder, "offline-standin" if label == "offline" else label, min(run["concurrency"], 32))
-        used_is_default = backend == "auto"
-        run["raw_img_per_s"] = raw if used_is_default else None
-        run["served_vs_raw"] = run["throughput"] / raw if raw and used_is_default else None
+        prefix = "offline-standin" if label == "offline" else label
+        # Against the encoder section's row of the backend this server runs (what `auto` chose here).
+        raw = raw_rate(encoder, prefix, info["backend"], min(run["concurrency"], 32))
+        run["raw_img_per_s"] = raw
+        run["served_vs_raw"] = run["throughput"] / raw if raw else None
     return {
         "model": info["name"] + (" (random init)" if "random-init" in str(info.get("pretrained")) else ""),
         "backend": backend,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.cache import model_folder, model_key
+from .errors import EncoderLoadError
 from .load import LoadedModel, ModelIdentity, ModelSource, PreprocessConfig
 from .standin import CONFIG_FILE, RECIPE_FILE, WEIGHTS_FILE, standin_dir
 from .tokenize import TOKENIZER_FILE, TokenizerSpec, write_tokenizer_file
@@ -132,7 +133,7 @@ def read_card(source: ModelSource, data_dir: Path) -> tuple[ModelCard, Path] | s
     folder = data_dir / "exports" / str(entry["model_key"])
     try:
         card = ModelCard.from_dict(json.loads((folder / CARD_FILE).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EncoderLoadError) as exc:
         return f"unreadable model card in {folder}: {exc!r}"
     if not (folder / TOKENIZER_FILE).is_file():
         return f"{folder / TOKENIZER_FILE} is missing"

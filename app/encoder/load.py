@@ -82,6 +82,14 @@ class ModelIdentity:
         }
 
 
+# The eval preprocessing open_clip's configs name that preprocess.py implements exactly (pixel for pixel with
+# open_clip's own transform): the resampling filter, and how the image becomes a square ("shortest": the short
+# side to `size`, then a centre crop; "squash": both sides to `size`, aspect not kept). open_clip's "longest"
+# (pad to a square) is not implemented.
+INTERPOLATIONS = ("bicubic", "bilinear")
+RESIZE_MODES = ("shortest", "squash")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     size: int
@@ -89,6 +97,16 @@ class PreprocessConfig:
     std: tuple[float, float, float]
     interpolation: str
     resize_mode: str
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS or self.resize_mode not in RESIZE_MODES:
+            raise EncoderLoadError(
+                "build",
+                f"unsupported preprocessing {self.interpolation}/{self.resize_mode}",
+                f"interpolation one of {', '.join(INTERPOLATIONS)}; resize mode one of {', '.join(RESIZE_MODES)}",
+            )
+        if self.size < 1 or min(self.std) <= 0:
+            raise EncoderLoadError("build", f"unusable preprocessing: size {self.size}, std {self.std}")
 
     @classmethod
     def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
@@ -100,11 +118,6 @@ class PreprocessConfig:
         std = tuple(float(v) for v in cfg["std"])
         interpolation = str(cfg.get("interpolation", "bicubic"))
         resize_mode = str(cfg.get("resize_mode", "shortest"))
-        if interpolation != "bicubic" or resize_mode != "shortest":
-            # The preprocessing (preprocess.py) implements open_clip's default eval transform only.
-            raise EncoderLoadError(
-                "build", f"unsupported preprocessing {interpolation}/{resize_mode}; only bicubic/shortest"
-            )
         return cls(side, mean, std, interpolation, resize_mode)  # type: ignore[arg-type]
 
 

@@ -1,6 +1,8 @@
 """Image preprocessing for the encoder, in PIL + numpy (no torchvision), so every backend shares it.
 
-- eval transform: open_clip's default, shortest side -> input size (bicubic), centre crop, normalise;
+- eval transform: open_clip's, as the model's config names it: shortest side -> input size then a centre crop
+  (`shortest`, open_clip's default) or both sides -> input size (`squash`), with its resampling filter (bicubic,
+  or bilinear as MobileCLIP's pretrained configs say), then normalise with its mean / std;
 - augmented views (methods.md): RandomResizedCrop(size, scale 0.5-1, ratio 3/4-4/3, bicubic) then a
   horizontal flip with p = 0.5, drawn from a numpy generator seeded per image, so the same shot always
   gets the same views (a task rebuilt from its shots gives the same keys).
@@ -22,6 +24,8 @@ from .load import PreprocessConfig
 
 Pixels = npt.NDArray[np.float32]  # [n, 3, H, W], normalised
 
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}  # load.INTERPOLATIONS
+
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
@@ -37,7 +41,14 @@ class Preprocessor:
 
     def eval_pixels(self, images: Sequence[Image.Image]) -> Pixels:
         """[n, 3, S, S] normalised pixels of the eval transform."""
-        return self._stack([resize_center_crop(img, self.size) for img in images])
+        return self._stack([self.eval_crop(img) for img in images])
+
+    def eval_crop(self, image: Image.Image) -> Image.Image:
+        """The eval transform's S x S image, before normalisation."""
+        resample = RESAMPLING[self.config.interpolation]
+        if self.config.resize_mode == "squash":
+            return image.resize((self.size, self.size), resample)
+        return resize_center_crop(image, self.size, resample)
 
     def view_pixels(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> Pixels:
         """[n * views, 3, S, S]: rows i*views .. i*views+views-1 are image i's views.

@@ -9,7 +9,9 @@ and store I/O run on the service's own thread pools, encoding on the encoder que
 - `TaskRegistry` (registry.py) holds the tasks: a cache over the store, one lock, immutable values.
 - `RequestRules` (requests.py) checks each request once.
 - Pools: `classify` (decode + cache math of classify requests), `builds` (task builds), `io` (store reads
-  and deletes), so a long build never takes the threads classify needs.
+  and deletes), so a long build never takes the threads classify needs. One exception: the cache math of a
+  small task (`INLINE_PREDICT_BYTES`) runs on the event loop, where it costs less than the round trip to a
+  pool thread and back (docs/benchmarks.md, served section).
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ from .task import Prediction, Task
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Predict on the event loop when the support's features times the query count stay under this: a 10-class
+# 16-shot task of d = 1280 (0.8 MB) predicts in well under a millisecond, less than a pool hop costs a 2-core
+# host under load; big tasks (1000 x 16 is 33-82 MB) stay on the pool so the loop never stalls on them.
+INLINE_PREDICT_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,10 @@ class TaskService:
                 self.queue.withdraw()
                 raise
             features = await asyncio.wrap_future(self.queue.submit(pixels, announced=True))
-            predictions = await self._run(self._classify_pool, self._predict, task, features, checked)
+            if task.supports.nbytes * len(checked.images) <= INLINE_PREDICT_BYTES:
+                predictions = self._predict(task, features, checked)
+            else:
+                predictions = await self._run(self._classify_pool, self._predict, task, features, checked)
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return Classification(task, predictions)
 

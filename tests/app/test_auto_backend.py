@@ -56,9 +56,40 @@ def test_the_fastest_eligible_backend_wins_and_a_lossy_one_is_not_eligible() -> 
     choice = measure(candidates, PRE, tokens, "host", clock=clock)
     assert choice.backend == "onnx-int8"
     assert not choice.candidates["openvino-int8"]["eligible"]
-    assert choice.candidates["openvino-int8"]["min_cosine"] < FIDELITY_MIN_COSINE
+    assert choice.candidates["openvino-int8"]["min_cosine"] < FIDELITY_MIN_COSINE["fp32"]
     assert choice.candidates["onnx-int8"]["img_per_s"] > choice.candidates["onnx"]["img_per_s"] > 0
     assert not choice.cached
+
+
+class Tagged:
+    """A fake tower that says which precision it runs at (as the real towers' `precision` does)."""
+
+    def __init__(self, tower: Any, precision: str) -> None:
+        self.tower = tower
+        self.precision = precision
+        self.name = precision
+
+    def __call__(self, array: Any) -> Any:
+        return self.tower(array)
+
+
+def test_the_bound_is_the_precision_s_own() -> None:
+    """The same small error (min cosine between 0.999 and 0.9999) is bf16's to make, not an fp32 graph's."""
+    clock = FakeClock()
+    reference = fake_towers(clock, 0.010, 0.0)
+    towers = {precision: fake_towers(clock, 0.002, 0.025) for precision in ("bf16", "fp32")}
+    candidates = {
+        "onnx": reference,
+        "openvino": (Tagged(towers["bf16"][0], "bf16"), Tagged(towers["bf16"][1], "bf16")),
+        "openvino-fp32": (Tagged(towers["fp32"][0], "fp32"), Tagged(towers["fp32"][1], "fp32")),
+    }
+    tokens = np.arange(12, dtype=np.int64).reshape(3, 4) % 7 + 1
+    choice = measure(candidates, PRE, tokens, "host", clock=clock)
+    for name in ("openvino", "openvino-fp32"):
+        assert FIDELITY_MIN_COSINE["bf16"] <= choice.candidates[name]["min_cosine"] < FIDELITY_MIN_COSINE["fp32"]
+    assert choice.candidates["openvino"]["eligible"]
+    assert not choice.candidates["openvino-fp32"]["eligible"]
+    assert choice.backend == "openvino"
 
 
 def _private_copy(model_data_dir: Path, data_dir: Path, encoder: Encoder) -> Path:

@@ -137,15 +137,23 @@ def test_metrics_parsing_keeps_labels_with_braces() -> None:
 
 
 def test_targets_say_by_how_much_they_are_missed() -> None:
-    encoder = {
-        "rows": [
-            {"model": "ViT-B-32 (random init)", "backend": "torch", "img_per_s": {32: 10.0}},
-            {"model": "ViT-B-32 (random init)", "backend": "onnx-int8", "img_per_s": {32: 45.0}},
-        ]
-    }
+    """Issue 15's ViT-B-32 target counts only backends within the fidelity bound; misses say by how much."""
+
+    def row(backend: str, rate: float, cosine: float) -> dict[str, object]:
+        return {
+            "model": "ViT-B-32 (random init)",
+            "backend": backend,
+            "used": backend,
+            "img_per_s": {32: rate},
+            "min_cosine": cosine,
+        }
+
+    encoder = {"rows": [row("torch", 25.0, 1.0), row("openvino", 120.0, 0.99995), row("openvino-int8", 150.0, 0.997)]}
     rows = {str(r[0]): r for r in report.targets({"encoder": encoder})}
-    assert rows["ViT-B-32 onnx-int8 ≥ 40 img/s at batch 32"][2] == "met"
-    assert rows["ViT-B-32 onnx-int8 ≥ 6x eager fp32 at batch 32"][2] == "**missed** by 1.5x"
+    speed = rows["ViT-B-32 ≥ 140 img/s at batch 32, min cosine ≥ 0.999 (openvino)"]
+    assert speed[2] == "**missed** by 20.0 img/s"
+    assert "openvino-int8 runs 150.0 img/s" in str(speed[3])  # the faster, unfaithful one is named
+    assert rows["ViT-B-32 ≥ 4.3x eager fp32 at batch 32 (openvino)"][2] == "met"
 
 
 def test_the_doc_section_is_replaced_in_place(tmp_path: Path) -> None:
