@@ -33,7 +33,7 @@ from app.images import ImageLimits
 from app.settings import MAX_VIEWS, Settings
 from app.store import TaskStore
 from app.store.base import StoreUnavailable
-from app.store.factory import describe_store, ping
+from app.store.factory import describe_store, outage, ping
 from cache_models import METHODS
 
 from . import metrics
@@ -57,6 +57,11 @@ from .task import Prediction, Task
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Readiness answers fast during a store outage: the ping waits READY_PING_S for a connection at most (a
+# busy pool or a database that is down), and /readyz never waits more than READY_DEADLINE_S for it.
+READY_PING_S = 1.0
+READY_DEADLINE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -201,12 +206,19 @@ class TaskService:
     async def usage(self) -> dict[str, dict[str, int]]:
         return await self._run(self._io_pool, self.store.usage)
 
-    def store_problem(self) -> str | None:
-        """Why the task store cannot serve right now (None: it can); /readyz asks, off the event loop."""
+    async def store_problem(self) -> str | None:
+        """Why the task store cannot serve right now (None: it can), for /readyz, answered within
+        READY_DEADLINE_S: a known outage at once (no I/O, no thread); else one ping in a thread of its own
+        (not the I/O pool, which requests held up by the outage may fill), bounded by the store."""
+        known = outage(self.store)
+        if known is not None:
+            return known
         try:
-            ping(self.store)
+            await asyncio.wait_for(asyncio.to_thread(ping, self.store, READY_PING_S), READY_DEADLINE_S)
         except StoreUnavailable as error:
             return str(error)
+        except TimeoutError:  # a round trip hung past the store's own bound (a half-open socket)
+            return f"task store {describe_store(self.store)} did not answer within {READY_DEADLINE_S:g} s"
         return None
 
     def info(self) -> dict[str, Any]:

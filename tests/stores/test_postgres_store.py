@@ -154,6 +154,34 @@ def test_an_outage_raises_store_unavailable_and_the_store_recovers_by_itself(
     assert store.live_version("acme", "cats") == 2
 
 
+def test_readiness_fails_fast_in_an_outage_and_the_first_call_after_it_cleared_succeeds(
+    store: PostgresStore, postgres: PostgresServer
+) -> None:
+    store.save(snapshot_with(1, keys=np.ones(3)))
+    assert store.outage is None
+    store.ping(0.5)
+    postgres.pause()
+    try:
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            store.ping(0.5)  # no call noticed the outage yet: the ping's own bound, then the outage is marked
+        assert "unavailable" in (store.outage or "")
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            store.ping(0.5)  # known now: at once
+        # A long outage: the pool's own reconnection backs off (1, 2, 4 s ...) meanwhile.
+        time.sleep(5)
+    finally:
+        postgres.resume()
+    deadline = time.monotonic() + 30
+    while store.outage is not None:
+        assert time.monotonic() < deadline, "the store did not notice the database's return within 30 s"
+        time.sleep(0.05)
+    # Healthy means usable: the first calls get a connection within the store's 1 s pool timeout, not
+    # after the old pool's next reconnection attempt.
+    store.ping(0.5)
+    assert store.live_version("acme", "cats") == 1
+    store.save(snapshot_with(2, keys=np.ones(3)))
+
+
 # --- SIGKILL a process that is saving ----------------------------------------------------------------
 
 

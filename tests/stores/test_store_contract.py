@@ -195,6 +195,7 @@ def test_invalid_snapshots_are_refused_and_nothing_is_stored(
 
 
 def test_delete_removes_the_task_and_its_id_can_be_reused(backend: Backend, store: TaskStore) -> None:
+    store.save(make_snapshot(1))
     store.save(make_snapshot(4))
     assert store.delete("acme", "cats") is True
     assert store.load("acme", "cats") is None
@@ -223,6 +224,7 @@ def test_list_ids_and_usage_per_tenant(store: TaskStore) -> None:
 
 def test_tenants_are_separate_namespaces(store: TaskStore) -> None:
     store.save(make_snapshot(1, "acme", "cats"))
+    store.save(make_snapshot(1, "beta", "cats"))
     store.save(make_snapshot(5, "beta", "cats"))
     assert store.live_version("acme", "cats") == 1
     assert store.live_version("beta", "cats") == 5
@@ -254,6 +256,52 @@ def test_bad_array_names_are_refused(bad: str) -> None:
         TaskSnapshot("acme", "cats", 1, {}, {bad: np.zeros(1)})
 
 
+def test_an_update_of_a_deleted_task_is_refused_and_does_not_bring_it_back(backend: Backend, store: TaskStore) -> None:
+    store.save(make_snapshot(1))
+    deleter = backend.open() if backend.shared else store  # another replica, for a shared backend
+    assert deleter.delete("acme", "cats") is True
+    with pytest.raises(VersionConflict, match="deleted") as raised:
+        store.save(make_snapshot(2))  # built from version 1 before the delete
+    assert raised.value.live is None
+    assert store.load("acme", "cats") is None
+    assert store.list_ids() == []
+    assert backend.residue() == []
+    with pytest.raises(VersionConflict, match="deleted"):  # an update of a task that never existed, likewise
+        store.save(TaskSnapshot("acme", "ghost", 3, {}, {}))
+    store.save(make_snapshot(1))  # creating the task again is a new task
+    assert store.live_version("acme", "cats") == 1
+
+
+def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Backend, store: TaskStore) -> None:
+    deleter = backend.open() if backend.shared else store
+    outcomes = []
+    for round_number in range(20):
+        task_id = f"race{round_number}"
+        store.save(make_snapshot(1, task_id=task_id))
+        barrier = threading.Barrier(2)
+        saved: list[str] = []
+
+        def save(task_id: str = task_id, saved: list[str] = saved, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(10)
+            try:
+                store.save(make_snapshot(2, task_id=task_id))
+                saved.append("saved")
+            except VersionConflict as conflict:
+                saved.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
+
+        saver = threading.Thread(target=save)
+        saver.start()
+        barrier.wait(10)
+        assert deleter.delete("acme", task_id) is True  # it existed: at version 1 or 2
+        saver.join(30)
+        outcomes.append(saved[0])
+        # Whichever came first, the delete is the last word: the task is gone and stays gone.
+        assert store.load("acme", task_id) is None
+        assert deleter.live_version("acme", task_id) is None
+    assert backend.residue() == []
+    assert set(outcomes) <= {"saved", "refused"}
+
+
 # --- damage is reported, never raised from load_all ------------------------------------------------
 
 DAMAGE_REASONS = {
@@ -274,6 +322,7 @@ DAMAGE_REASONS = {
 
 @pytest.mark.parametrize("kind", ["truncated", "flipped", "missing", "meta"])
 def test_a_damaged_task_is_reported_while_others_load(backend: Backend, store: TaskStore, kind: str) -> None:
+    store.save(make_snapshot(1, "acme", "broken"))
     store.save(make_snapshot(2, "acme", "broken"))
     store.save(make_snapshot(1, "beta", "t2"))
     backend.damage(kind, "acme", "broken")
