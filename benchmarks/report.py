@@ -145,6 +145,17 @@ def targets(results: dict[str, Any]) -> list[list[object]]:
                 ),
             )
         )
+    check = results.get("cluster", {}).get("store", {}).get("version_check")
+    if check:
+        rows.append(
+            _target(
+                "the version check adds ≤ 1 ms p50 to a classify request (issue 12)",
+                f"{check['p50_ms']:.3f} ms",
+                check["p50_ms"] <= 1.0,
+                f"by {check['p50_ms'] - 1.0:.3f} ms",
+                "one round trip to PostgreSQL per request on this machine",
+            )
+        )
     return rows
 
 
@@ -182,8 +193,9 @@ def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
         ("Accuracy per backend (stand-in, ../shared/datasets)", lambda: accuracy_markdown(results["accuracy"])),
         ("Cache-method micro-benchmark", lambda: to_markdown(results["methods"]).rstrip()),
         ("Resident memory and restore time of loaded tasks", lambda: memory_markdown(results["memory"])),
+        ("Cluster: the PostgreSQL store and two replicas", lambda: _cluster(results["cluster"])),
     ]
-    keys = ["targets", "encoder", "decode", "served", "cache", "accuracy", "methods", "memory"]
+    keys = ["targets", "encoder", "decode", "served", "cache", "accuracy", "methods", "memory", "cluster"]
     for key, (title, make) in zip(keys, sections, strict=True):
         if key != "targets" and key not in results:
             continue
@@ -196,6 +208,12 @@ def _served(result: dict[str, Any]) -> str:
     from .served import served_markdown
 
     return served_markdown(result)
+
+
+def _cluster(result: dict[str, Any]) -> str:
+    from .cluster import cluster_markdown
+
+    return cluster_markdown(result)
 
 
 def write_section(path: Path, section: str) -> None:

@@ -9,7 +9,9 @@ Sections (all by default, in this order; `--only` picks some):
 - accuracy: every backend's 16-shot accuracy with the stand-in on ../shared/datasets, int8 vs fp32;
 - methods:  the cache-method micro-benchmark (cache_methods.py);
 - memory:   resident memory per restored task (100 and 1000 classes x 16 shots, d=1280) as a multiple of
-            its raw key + text bytes, and the restore time of the stored tasks (memory.py).
+            its raw key + text bytes, and the restore time of the stored tasks (memory.py);
+- cluster:  (only with `--only cluster`) the PostgreSQL store and two replicas on it: version check,
+            save / cold load, update-to-visible, 1 vs 2 replicas, round trips, RSS (cluster.py).
 
 The full run takes about 10 minutes on 2 cores (plus the one-time ONNX exports); `--quick` is a smoke run.
 """
@@ -29,7 +31,7 @@ from app.encoder.standin import ensure_standin
 from app.settings import Settings
 
 from .common import BenchConfig, load_average, machine, versions
-from .options import SECTIONS
+from .options import DEFAULT_SECTIONS, SECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def _command(args: argparse.Namespace) -> str:
 def run_sections(config: BenchConfig, sections: tuple[str, ...]) -> dict[str, Any]:
     from .accuracy import bench_accuracy, bench_cache_cost, model_dims
     from .cache_methods import bench_cache_methods
+    from .cluster import bench_cluster
     from .encoders import bench_decode, bench_encoders
     from .memory import bench_memory
     from .served import bench_served
@@ -90,6 +93,8 @@ def run_sections(config: BenchConfig, sections: tuple[str, ...]) -> dict[str, An
             results["methods"] = rows
         elif section == "memory":
             results["memory"] = bench_memory(config.quick)
+        elif section == "cluster":
+            results["cluster"] = bench_cluster(config)
         log.info("bench: section %s took %.0f s", section, time.perf_counter() - started)
     return results
 
@@ -102,7 +107,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     config = config_from(args, settings)
     configure_threads(config.threads)
     ensure_standin(config.data_dir)
-    sections = tuple(s for s in SECTIONS if not args.only or s in args.only)
+    sections = tuple(s for s in SECTIONS if s in args.only) if args.only else DEFAULT_SECTIONS
     meta: dict[str, Any] = {"machine": machine(), "versions": versions(), "command": config.command}
     nproc = meta["machine"]["nproc"] or 1
     meta["busy"] = (

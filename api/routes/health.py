@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,7 +25,7 @@ async def readyz(request: Request) -> Health | JSONResponse:
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return JSONResponse({"error": {"code": "not_ready", "message": "starting"}}, status_code=503)
-    problem = await run_in_threadpool(service.store_problem)  # one round trip to a shared store
+    problem = await service.store_problem()  # at once during a known outage, else one bounded round trip
     if problem is not None:
         return JSONResponse({"error": {"code": "store_unavailable", "message": problem}}, status_code=503)
     return Health(status="ready")

@@ -9,9 +9,9 @@ and store I/O run on the service's own thread pools, encoding on the encoder que
 - `TaskRegistry` (registry.py) holds the tasks: a cache over the store, one lock, immutable values.
 - `RequestRules` (requests.py) checks each request once.
 - Pools: `classify` (decode + cache math of classify requests), `builds` (task builds), `io` (store reads
-  and deletes), so a long build never takes the threads classify needs. One exception: the cache math of a
-  small task (`INLINE_PREDICT_BYTES`) runs on the event loop, where it costs less than the round trip to a
-  pool thread and back (docs/benchmarks.md, served section).
+  and deletes), so a long build never takes the threads classify needs. No exception for small tasks: the
+  inline path measured ~0.3 ms per request (docs/benchmarks.md), but a first use of another method fits it
+  (up to ~1 s), and that must never run on the event loop.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from app.images import ImageLimits
 from app.settings import MAX_VIEWS, Settings
 from app.store import TaskStore
 from app.store.base import StoreUnavailable
-from app.store.factory import describe_store, ping
+from app.store.factory import describe_store, outage, ping
 from cache_models import METHODS
 
 from . import metrics
@@ -61,10 +61,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Predict on the event loop when the support's features times the query count stay under this: a 10-class
-# 16-shot task of d = 1280 (0.8 MB) predicts in well under a millisecond, less than a pool hop costs a 2-core
-# host under load; big tasks (1000 x 16 is 33-82 MB) stay on the pool so the loop never stalls on them.
-INLINE_PREDICT_BYTES = 2 * 1024 * 1024
+# Readiness answers fast during a store outage: the ping waits READY_PING_S for a connection at most (a
+# busy pool or a database that is down), and /readyz never waits more than READY_DEADLINE_S for it.
+READY_PING_S = 1.0
+READY_DEADLINE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -195,10 +195,7 @@ class TaskService:
                 self.queue.withdraw()
                 raise
             features = await asyncio.wrap_future(self.queue.submit(pixels, announced=True))
-            if task.supports.nbytes * len(checked.images) <= INLINE_PREDICT_BYTES:
-                predictions = self._predict(task, features, checked)
-            else:
-                predictions = await self._run(self._classify_pool, self._predict, task, features, checked)
+            predictions = await self._run(self._classify_pool, self._predict, task, features, checked)
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return Classification(task, predictions)
 
@@ -212,12 +209,19 @@ class TaskService:
     async def usage(self) -> dict[str, dict[str, int]]:
         return await self._run(self._io_pool, self.store.usage)
 
-    def store_problem(self) -> str | None:
-        """Why the task store cannot serve right now (None: it can); /readyz asks, off the event loop."""
+    async def store_problem(self) -> str | None:
+        """Why the task store cannot serve right now (None: it can), for /readyz, answered within
+        READY_DEADLINE_S: a known outage at once (no I/O, no thread); else one ping in a thread of its own
+        (not the I/O pool, which requests held up by the outage may fill), bounded by the store."""
+        known = outage(self.store)
+        if known is not None:
+            return known
         try:
-            ping(self.store)
+            await asyncio.wait_for(asyncio.to_thread(ping, self.store, READY_PING_S), READY_DEADLINE_S)
         except StoreUnavailable as error:
             return str(error)
+        except TimeoutError:  # a round trip hung past the store's own bound (a half-open socket)
+            return f"task store {describe_store(self.store)} did not answer within {READY_DEADLINE_S:g} s"
         return None
 
     def info(self) -> dict[str, Any]:

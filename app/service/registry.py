@@ -279,6 +279,11 @@ class TaskRegistry:
             self.store.save(self._dump(task))
         except VersionConflict as exc:
             self._forget(task.key, None)
+            if exc.live is None:  # deleted while this change was built: the change must not recreate it
+                raise AppError(
+                    ErrorCode.TASK_NOT_FOUND,
+                    f"task {task.task_id} was deleted while this change was built from version {task.version - 1}",
+                ) from None
             raise StaleVersion(
                 f"task {task.task_id} changed while this write was built from version {task.version - 1} "
                 f"(live version: {exc.live}); retry",

@@ -126,8 +126,10 @@ class TaskStore(Protocol):
         """Store `snapshot` durably and atomically, replacing older versions of the task.
 
         When this returns the snapshot survives a crash; if it raises or the process dies first, the
-        previous version stays intact. Raises VersionConflict (a ValueError) if `snapshot.version` is not
-        above the live one: a writer that built from a stale version never overwrites a newer one.
+        previous version stays intact. Version 1 creates the task, a higher version updates it. Raises
+        VersionConflict (a ValueError) if `snapshot.version` is not above the live one (a writer that
+        built from a stale version never overwrites a newer one), and with `live=None` for an update
+        (version > 1) of a task that does not exist: a save racing a delete never resurrects the task.
         """
         ...
 

@@ -2,7 +2,7 @@
 
 A build's record lives on a `BuildBoard`: the local store's board is this process's memory (one
 process owns a local task directory, so only it can be polled); PostgreSQL's is a table every replica
-reads (`PostgresBuildBoard` in postgres.py). The replica running a build rewrites its record every `HEARTBEAT_S`
+reads (`PostgresBuildBoard` in postgres_builds.py). The replica running a build rewrites its record every `HEARTBEAT_S`
 seconds (progress or not); a record still "building" whose heartbeat is older than `STALE_AFTER_S`
 belongs to a replica that died mid-build, and reads as failed (`build_lost`) rather than forever
 building.

@@ -56,8 +56,15 @@ def build_board(store: TaskStore) -> BuildBoard:
     return board if board is not None else MemoryBuildBoard()
 
 
-def ping(store: TaskStore) -> None:
-    """StoreUnavailable if a shared store does not answer now (a local directory always does)."""
+def outage(store: TaskStore) -> str | None:
+    """Why a shared store is known to be down right now (None: it is not known to be); never does I/O."""
+    known = getattr(store, "outage", None)
+    return known if isinstance(known, str) else None
+
+
+def ping(store: TaskStore, timeout_s: float) -> None:
+    """StoreUnavailable if a shared store does not answer within about `timeout_s` (a local directory
+    always does)."""
     check = getattr(store, "ping", None)
     if check is not None:
-        check()
+        check(timeout_s)

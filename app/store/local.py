@@ -120,6 +120,12 @@ class LocalDirStore(TaskStore):
                     f"than the stored version {stored_version}",
                     live=stored_version,
                 )
+            if stored_version is None and snapshot.version > 1:  # an update of a task deleted meanwhile
+                raise VersionConflict(
+                    f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} refused, "
+                    "it was deleted: an update does not recreate a task",
+                    live=None,
+                )
             if stored_version is None:
                 # Fsync both parents even if another thread created them: its fsync may still be pending,
                 # and this save must not return before the path to the new task is durable.

@@ -16,7 +16,7 @@ from benchmarks.accuracy import bench_accuracy, bench_cache_cost, int8_gap
 from benchmarks.common import BACKENDS, BenchConfig
 from benchmarks.encoders import bench_decode, bench_encoders
 from benchmarks.memory import bench_memory
-from benchmarks.options import SECTIONS, add_arguments
+from benchmarks.options import DEFAULT_SECTIONS, SECTIONS, add_arguments
 from benchmarks.served import bench_served, scrape
 from tests.conftest import dataset_dir
 
@@ -176,7 +176,10 @@ def test_bench_options() -> None:
     args = parser.parse_args(["--quick", "--only", "encoder", "--only", "served", "--write", "x.md"])
     assert args.only == ["encoder", "served"]
     assert args.quick
-    assert set(SECTIONS) == {"encoder", "decode", "cache", "served", "accuracy", "methods", "memory"}
+    assert set(SECTIONS) == {"encoder", "decode", "cache", "served", "accuracy", "methods", "memory", "cluster"}
+    # The cluster section starts PostgreSQL and two replicas: only when asked for.
+    assert set(SECTIONS) - set(DEFAULT_SECTIONS) == {"cluster"}
+    assert parser.parse_args(["--only", "cluster"]).only == ["cluster"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--only", "nonsense"])
 

@@ -6,24 +6,16 @@ backend in tests/stores/test_store_contract.py; this file holds what is the loca
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from app.store import LocalDirStore, TaskSnapshot
+from app.store import LocalDirStore
 from tests.stores.snapshots import assert_identical, make_snapshot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +74,7 @@ def test_a_damaged_task_is_moved_aside_and_its_id_freed(
     tmp_path: Path, damage: Callable[[Path], object], reason: str
 ) -> None:
     store = LocalDirStore(tmp_path)
+    store.save(make_snapshot(1, "acme", "broken"))
     store.save(make_snapshot(2, "acme", "broken"))
     store.save(make_snapshot(1, "beta", "t2"))
     damage(tmp_path / "acme" / "broken" / "v2")
@@ -117,7 +110,7 @@ def crash_after(step_number: int) -> tuple[Callable[[str], None], list[str]]:
 @pytest.mark.parametrize("operation", ["create", "update", "delete"])
 def test_a_crash_after_any_step_leaves_the_old_or_the_new_task_intact(tmp_path: Path, operation: str) -> None:
     old = make_snapshot(1) if operation != "create" else None
-    new = make_snapshot(2, rows=20) if operation != "delete" else None
+    new = make_snapshot(1 if old is None else 2, rows=20) if operation != "delete" else None
     for step_number in itertools.count(1):
         root = tmp_path / str(step_number)
         if old is not None:
@@ -208,70 +201,3 @@ def test_saves_of_one_task_serialise_and_other_tasks_do_not_wait(tmp_path: Path)
     slow.join(10)
     same_task.join(10)
     assert_identical(store.load("acme", "cats"), make_snapshot(2))
-
-
-# --- the real thing: SIGKILL a process that is saving ----------------------------------------------
-
-
-def crash_loop_snapshot(version: int) -> TaskSnapshot:
-    keys = np.full((200 + version % 97, 128), version, dtype=np.float32) + np.arange(128, dtype=np.float32)
-    index = np.full(50_000 + version, version % 251, dtype=np.uint8)
-    return TaskSnapshot("acme", "cats", version, {"version": version}, {"keys": keys, "method/x/index": index})
-
-
-CHILD_SCRIPT = """
-import sys
-from pathlib import Path
-import numpy as np
-from app.store import LocalDirStore, TaskSnapshot
-{snapshot_source}
-store = LocalDirStore(Path(sys.argv[1]))
-current = store.load("acme", "cats")
-version = current.version if current else 0
-print("ready", flush=True)
-while True:
-    version += 1
-    store.save(crash_loop_snapshot(version))
-    print(version, flush=True)
-"""
-
-
-def test_sigkill_during_saves_never_loses_an_acknowledged_version(tmp_path: Path) -> None:
-    script = CHILD_SCRIPT.format(snapshot_source=textwrap.dedent(inspect.getsource(crash_loop_snapshot)))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    delays = random.Random(6)
-    known = 0  # the newest version known to be stored: acknowledged, or restored after the previous kill
-    acknowledged_saves = 0
-    for _ in range(24):
-        child = subprocess.Popen(
-            [sys.executable, "-c", script, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=PROJECT_ROOT,
-            env=env,
-        )
-        assert child.stdout is not None
-        if child.stdout.readline() != "ready\n":
-            child.kill()
-            pytest.fail(f"child did not start: {child.communicate()[1]}")
-        time.sleep(delays.uniform(0.0, 0.2))
-        child.send_signal(signal.SIGKILL)
-        # Read on through the same text stream: readline may have buffered lines past "ready", which
-        # communicate() (reading the raw pipe) would lose.
-        acknowledged = [int(line) for line in child.stdout.read().split()]
-        child.communicate(timeout=10)  # the rest: stderr, then the exit
-        acknowledged_saves += len(acknowledged)
-        known = max([known, *acknowledged])
-
-        restored, damaged = LocalDirStore(tmp_path).load_all()
-        assert damaged == []
-        if known == 0 and not restored:
-            continue
-        assert len(restored) == 1
-        version = restored[0].version
-        assert known <= version <= known + 1  # +1: the save committed, the kill came before it printed
-        assert_identical(restored[0], crash_loop_snapshot(version))
-        assert task_dir_entries(tmp_path) == {"current.json", f"v{version}"}
-        known = version
-    assert acknowledged_saves >= 12  # the children really were saving when they were killed

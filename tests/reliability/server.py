@@ -1,7 +1,13 @@
-"""The real `shotcache serve` process for the reliability tests: start on a data dir, wait until ready,
-SIGKILL, read its memory. Shared by the crash loop and the load and backpressure tests.
+"""The real `shotcache serve` process for every test and benchmark that needs one: start on a data dir
+(optionally on a shared store), wait until ready, SIGKILL or stop, restart on the same port, read its
+memory and its log. Used by the reliability tests (crash loop, load, backpressure), the web tests, the
+cluster tests' replicas and `shotcache bench --only cluster`.
 
-Importable without pytest, so `python -m tests.reliability.crash_loop` and `... .load` can use it too.
+Started as `sys.executable -m app.cli serve --model offline` with PYTHONPATH at this checkout, so the
+server runs this worktree's code; every inherited SHOTCACHE_ variable is dropped and only `env` is set.
+Ports: `SHOTCACHE_TEST_PORTS=LOW-HIGH` confines them to a range (several checkouts testing side by side
+on one machine); else the kernel picks a free one. Importable without pytest (`python -m
+tests.reliability.crash_loop`, `... .load`, the benchmarks).
 """
 
 from __future__ import annotations
@@ -18,14 +24,28 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-SHOTCACHE = Path(sys.executable).parent / "shotcache"
-READY_TIMEOUT = 240.0  # a cold start on a busy 2-core machine has taken 60 s; the usual is 12-20 s
+READY_TIMEOUT = 300.0  # a cold start on a busy 2-core machine has taken 60 s; the usual is 12-20 s
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(taken: set[int] = set()) -> int:  # noqa: B006 (on purpose: ports handed out by this process)
+    """A free loopback port, in SHOTCACHE_TEST_PORTS if set; never one this process handed out before."""
+    bounds = os.environ.get("SHOTCACHE_TEST_PORTS")
+    if not bounds:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    low, _, high = bounds.partition("-")
+    for port in range(int(low), int(high or low) + 1):
+        if port in taken:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError(f"no free port in SHOTCACHE_TEST_PORTS={bounds}")
 
 
 def prepare_data_dir(data_dir: Path, model_data_dir: Path) -> None:
@@ -36,35 +56,29 @@ def prepare_data_dir(data_dir: Path, model_data_dir: Path) -> None:
 
 
 class Server:
-    """One `shotcache serve --model offline` process; `log_path` collects its output."""
+    """One `shotcache serve --model offline` process on 127.0.0.1; its output is appended to `log_path`."""
 
-    def __init__(self, data_dir: Path, log_path: Path, env: Mapping[str, str] | None = None) -> None:
-        assert SHOTCACHE.exists(), f"{SHOTCACHE} missing: is the project installed in this virtualenv?"
+    def __init__(
+        self, data_dir: Path, log_path: Path, env: Mapping[str, str] | None = None, *, name: str = "server"
+    ) -> None:
+        self.name = name
         self.data_dir = data_dir
         self.log_path = log_path
+        self.env = {"SHOTCACHE_THREADS": "2", **(env or {})}
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
-        clean.update({"SHOTCACHE_THREADS": "2", **(env or {})})
-        self.started_at = time.monotonic()
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(SHOTCACHE),
-                    "serve",
-                    "--model",
-                    "offline",
-                    "--data-dir",
-                    str(data_dir),
-                    "--port",
-                    str(self.port),
-                ],
-                cwd=REPO,
-                env=clean,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.base_url = self.url = f"http://127.0.0.1:{self.port}"
         self.ready_after: float | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the process (again, after a kill: same port, data dir and settings)."""
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
+        clean.update({"PYTHONPATH": str(REPO), **self.env})
+        command = [sys.executable, "-m", "app.cli", "serve", "--model", "offline"]
+        command += ["--data-dir", str(self.data_dir), "--port", str(self.port)]
+        self.started_at = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env=clean, stdout=log, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:
@@ -75,7 +89,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
                     self.ready_after = time.monotonic() - self.started_at
@@ -84,23 +98,38 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
             time.sleep(0.1)
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, exactly like a power cut to the process."""
+        """SIGKILL: no shutdown code runs, exactly like a power cut to the process (or a node lost)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
 
+    def stop(self) -> None:
+        """SIGTERM (a graceful shutdown), SIGKILL if it has not exited after 30 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout)
+
     def rss_mb(self) -> float:
         return rss_mb(self.pid)
 
-    def log_tail(self, lines: int = 60) -> str:
+    def log(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
-            return "(no log)"
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
 
 def rss_mb(pid: int) -> float:

@@ -135,6 +135,20 @@ def test_a_stale_writer_gets_version_conflict_with_the_live_version(loop: Loop, 
     assert loop.run(service.get(TENANT, task.task_id)).version == 2  # reloaded from the store
 
 
+def test_a_change_built_before_a_delete_answers_not_found_and_does_not_recreate_the_task(
+    loop: Loop, service: TaskService
+) -> None:
+    task = created(loop, service, create_request(("cat", "dog"), 2))
+    loop.run(service.delete(TENANT, task.task_id))  # lands while the change below was being built from v1
+    with pytest.raises(AppError) as raised:
+        service.registry.save(dataclasses.replace(task, version=2))
+    assert raised.value.code == ErrorCode.TASK_NOT_FOUND
+    assert "deleted while this change was built" in raised.value.message
+    with pytest.raises(AppError) as gone:
+        loop.run(service.get(TENANT, task.task_id))
+    assert gone.value.code == ErrorCode.TASK_NOT_FOUND
+
+
 def test_freshness_check_serves_what_another_replica_wrote(loop: Loop, service: TaskService) -> None:
     task = created(loop, service, create_request(("cat", "dog"), 2))
 

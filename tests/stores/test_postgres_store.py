@@ -1,16 +1,12 @@
 """What is PostgresStore's own (the shared contract is in test_store_contract.py): its rows, its schema
-migrations, its secrets, outages, and a process SIGKILLed while it saves."""
+migrations, its secrets, outages (SIGKILL during saves is in the contract suite: test_store_crashes.py)."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import random
-import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -154,78 +150,32 @@ def test_an_outage_raises_store_unavailable_and_the_store_recovers_by_itself(
     assert store.live_version("acme", "cats") == 2
 
 
-# --- SIGKILL a process that is saving ----------------------------------------------------------------
-
-
-def crash_loop_snapshot(version: int) -> TaskSnapshot:
-    keys = np.full((200 + version % 97, 128), version, dtype=np.float32) + np.arange(128, dtype=np.float32)
-    index = np.full(50_000 + version, version % 251, dtype=np.uint8)
-    text = np.arange(1000, dtype=np.float32)  # never changes: its blob is shared by every version
-    return TaskSnapshot("acme", "cats", version, {"version": version}, {"keys": keys, "index": index, "text": text})
-
-
-CHILD_SCRIPT = """
-import sys
-import numpy as np
-from app.store import TaskSnapshot
-from app.store.postgres import PostgresStore
-{snapshot_source}
-store = PostgresStore(sys.argv[1])
-version = store.live_version("acme", "cats") or 0
-print("ready", flush=True)
-while True:
-    version += 1
-    store.save(crash_loop_snapshot(version))
-    print(version, flush=True)
-"""
-
-
-def test_sigkill_during_saves_never_loses_an_acknowledged_version(postgres_url: str) -> None:
-    script = CHILD_SCRIPT.format(snapshot_source=textwrap.dedent(inspect.getsource(crash_loop_snapshot)))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    delays = random.Random(7)
-    known = 0
-    acknowledged_saves = 0
-    reader = PostgresStore(postgres_url)
+def test_readiness_fails_fast_in_an_outage_and_the_first_call_after_it_cleared_succeeds(
+    store: PostgresStore, postgres: PostgresServer
+) -> None:
+    store.save(snapshot_with(1, keys=np.ones(3)))
+    assert store.outage is None
+    store.ping(0.5)
+    postgres.pause()
     try:
-        for _ in range(12):
-            child = subprocess.Popen(
-                [sys.executable, "-c", script, postgres_url],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=PROJECT_ROOT,
-                env=env,
-            )
-            assert child.stdout is not None
-            if child.stdout.readline() != "ready\n":
-                child.kill()
-                pytest.fail(f"child did not start: {child.communicate()[1]}")
-            time.sleep(delays.uniform(0.05, 0.3))
-            child.send_signal(signal.SIGKILL)
-            # Read on through the same text stream: readline may have buffered lines past "ready", which
-            # communicate() (reading the raw pipe) would lose.
-            out = child.stdout.read()
-            err = child.communicate(timeout=10)[1]  # the rest: stderr, then the exit
-            acknowledged = [int(line) for line in out.split()]
-            acknowledged_saves += len(acknowledged)
-            known = max([known, *acknowledged])
-
-            restored, damaged = reader.load_all()
-            assert damaged == []
-            if known == 0 and not restored:
-                continue
-            assert len(restored) == 1
-            version = restored[0].version
-            assert known <= version <= known + 1, (acknowledged, err[-2000:])  # +1: committed, killed before it printed
-            assert_identical(restored[0], crash_loop_snapshot(version))
-            known = version
-        # A killed transaction leaves nothing behind: one version, and exactly the blobs it uses.
-        assert rows(postgres_url, "SELECT count(*) FROM shotcache_version") == [(1,)]
-        assert rows(postgres_url, "SELECT count(*) FROM shotcache_blob") == [(3,)]
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            store.ping(0.5)  # no call noticed the outage yet: the ping's own bound, then the outage is marked
+        assert "unavailable" in (store.outage or "")
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            store.ping(0.5)  # known now: at once
+        # A long outage: the pool's own reconnection backs off (1, 2, 4 s ...) meanwhile.
+        time.sleep(5)
     finally:
-        reader.close()
-    assert acknowledged_saves >= 6  # the children really were saving when they were killed
+        postgres.resume()
+    deadline = time.monotonic() + 30
+    while store.outage is not None:
+        assert time.monotonic() < deadline, "the store did not notice the database's return within 30 s"
+        time.sleep(0.05)
+    # Healthy means usable: the first calls get a connection within the store's 1 s pool timeout, not
+    # after the old pool's next reconnection attempt.
+    store.ping(0.5)
+    assert store.live_version("acme", "cats") == 1
+    store.save(snapshot_with(2, keys=np.ones(3)))
 
 
 def test_the_default_service_does_not_import_the_postgres_driver() -> None:

@@ -1,4 +1,6 @@
-"""The TaskStore contract, run against every backend: LocalDirStore and PostgresStore (a real server).
+"""The TaskStore contract, run against every backend: LocalDirStore and PostgresStore (a real server);
+the backends and the `backend`/`store` fixtures are in backends.py and conftest.py, the SIGKILL harness
+in test_store_crashes.py.
 
 What each backend does on its own storage (the local store's crash sequence and file layout, the
 database's rows) is tested beside it: tests/app/test_store.py and tests/stores/test_postgres_store.py.
@@ -7,123 +9,17 @@ database's rows) is tested beside it: tests/app/test_store.py and tests/stores/t
 from __future__ import annotations
 
 import json
-import os
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import faiss
 import numpy as np
 import pytest
 
-from app.store import DamagedTaskError, LocalDirStore, TaskSnapshot, TaskStore, VersionConflict
+from app.store import DamagedTaskError, TaskSnapshot, TaskStore, VersionConflict
+from tests.stores.backends import Backend
 from tests.stores.snapshots import assert_identical, make_snapshot
-
-Damage = Callable[[str, str, str], None]  # (kind, tenant, task id): break the stored live version
-
-
-@dataclass
-class Backend:
-    name: str
-    open: Callable[[], TaskStore]  # a new store object on the same storage: a restart, or another replica
-    damage: Damage
-    residue: Callable[[], list[str]]  # whatever is stored at all (empty: nothing was ever written)
-    shared: bool  # may several store objects (replicas) write the same storage at once?
-    _opened: list[Any] = field(default_factory=list)
-
-
-def _local_backend(root: Path) -> Backend:
-    def damage(kind: str, tenant: str, task_id: str) -> None:
-        task_dir = root / tenant / task_id
-        version_dir = next(p for p in task_dir.iterdir() if p.name.startswith("v"))
-        keys = version_dir / "a0000.npy"
-        if kind == "truncated":
-            os.truncate(keys, 100)
-        elif kind == "flipped":
-            data = bytearray(keys.read_bytes())
-            data[-7] ^= 0x01
-            keys.write_bytes(bytes(data))
-        elif kind == "missing":
-            (version_dir / "a0001.npy").unlink()
-        elif kind == "meta":
-            data = bytearray((version_dir / "meta.json").read_bytes())
-            data[-2] ^= 0x01
-            (version_dir / "meta.json").write_bytes(bytes(data))
-        else:
-            raise AssertionError(kind)
-
-    def residue() -> list[str]:
-        # Files only: an emptied tenant directory holds no data.
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
-
-    return Backend("local", lambda: LocalDirStore(root), damage, residue, shared=False)
-
-
-def _postgres_backend(url: str) -> Backend:
-    import psycopg
-
-    from app.store.postgres import PostgresStore
-
-    def sql(statement: str, params: dict[str, str] | None = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(url, autocommit=True) as conn:
-            # A superuser may switch off the foreign keys: how a broken disk or a careless operator would.
-            conn.execute("SET session_replication_role = replica")
-            cursor = conn.execute(statement.encode(), params)
-            return cursor.fetchall() if cursor.description else []
-
-    def damage(kind: str, tenant: str, task_id: str) -> None:
-        # The blob of the live version's array number `position`, of this task only (other tasks may
-        # hold a blob with the same content).
-        blob_of = (
-            "tenant = %(tenant)s AND task_id = %(task)s AND sha256 = (SELECT a.sha256 FROM shotcache_array a"
-            " JOIN shotcache_task t USING (tenant, task_id, version)"
-            " WHERE a.tenant = %(tenant)s AND a.task_id = %(task)s AND a.position = {})"
-        )
-        statements = {
-            "truncated": f"UPDATE shotcache_blob SET data = substring(data from 1 for 100) WHERE {blob_of.format(0)}",
-            "flipped": "UPDATE shotcache_blob SET data = set_byte(data, length(data) - 7,"
-            f" get_byte(data, length(data) - 7) # 1) WHERE {blob_of.format(0)}",
-            "missing": f"DELETE FROM shotcache_blob WHERE {blob_of.format(1)}",
-            "meta": "UPDATE shotcache_version SET meta = '{\"version\": 666}'"
-            " WHERE tenant = %(tenant)s AND task_id = %(task)s",
-        }
-        sql(statements[kind], {"tenant": tenant, "task": task_id})
-
-    def residue() -> list[str]:
-        tables = ("shotcache_task", "shotcache_version", "shotcache_array", "shotcache_blob")
-        try:
-            return [f"{t}: {n}" for t in tables for (n,) in sql(f"SELECT count(*) FROM {t}") if n]
-        except psycopg.errors.UndefinedTable:
-            return []
-
-    backend = Backend("postgres", lambda: None, damage, residue, shared=True)  # type: ignore[arg-type,return-value]
-
-    def open_store() -> TaskStore:
-        store = PostgresStore(url)
-        backend._opened.append(store)
-        return store
-
-    backend.open = open_store
-    return backend
-
-
-@pytest.fixture(params=["local", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "local":
-        yield _local_backend(tmp_path / "tasks")
-        return
-    chosen = _postgres_backend(request.getfixturevalue("postgres_url"))
-    yield chosen
-    for store in chosen._opened:
-        store.close()
-
-
-@pytest.fixture
-def store(backend: Backend) -> TaskStore:
-    return backend.open()
-
 
 # --- round trip, versions, delete, listing ---------------------------------------------------------
 
@@ -195,6 +91,7 @@ def test_invalid_snapshots_are_refused_and_nothing_is_stored(
 
 
 def test_delete_removes_the_task_and_its_id_can_be_reused(backend: Backend, store: TaskStore) -> None:
+    store.save(make_snapshot(1))
     store.save(make_snapshot(4))
     assert store.delete("acme", "cats") is True
     assert store.load("acme", "cats") is None
@@ -223,6 +120,7 @@ def test_list_ids_and_usage_per_tenant(store: TaskStore) -> None:
 
 def test_tenants_are_separate_namespaces(store: TaskStore) -> None:
     store.save(make_snapshot(1, "acme", "cats"))
+    store.save(make_snapshot(1, "beta", "cats"))
     store.save(make_snapshot(5, "beta", "cats"))
     assert store.live_version("acme", "cats") == 1
     assert store.live_version("beta", "cats") == 5
@@ -254,6 +152,52 @@ def test_bad_array_names_are_refused(bad: str) -> None:
         TaskSnapshot("acme", "cats", 1, {}, {bad: np.zeros(1)})
 
 
+def test_an_update_of_a_deleted_task_is_refused_and_does_not_bring_it_back(backend: Backend, store: TaskStore) -> None:
+    store.save(make_snapshot(1))
+    deleter = backend.open() if backend.shared else store  # another replica, for a shared backend
+    assert deleter.delete("acme", "cats") is True
+    with pytest.raises(VersionConflict, match="deleted") as raised:
+        store.save(make_snapshot(2))  # built from version 1 before the delete
+    assert raised.value.live is None
+    assert store.load("acme", "cats") is None
+    assert store.list_ids() == []
+    assert backend.residue() == []
+    with pytest.raises(VersionConflict, match="deleted"):  # an update of a task that never existed, likewise
+        store.save(TaskSnapshot("acme", "ghost", 3, {}, {}))
+    store.save(make_snapshot(1))  # creating the task again is a new task
+    assert store.live_version("acme", "cats") == 1
+
+
+def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Backend, store: TaskStore) -> None:
+    deleter = backend.open() if backend.shared else store
+    outcomes = []
+    for round_number in range(20):
+        task_id = f"race{round_number}"
+        store.save(make_snapshot(1, task_id=task_id))
+        barrier = threading.Barrier(2)
+        saved: list[str] = []
+
+        def save(task_id: str = task_id, saved: list[str] = saved, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(10)
+            try:
+                store.save(make_snapshot(2, task_id=task_id))
+                saved.append("saved")
+            except VersionConflict as conflict:
+                saved.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
+
+        saver = threading.Thread(target=save)
+        saver.start()
+        barrier.wait(10)
+        assert deleter.delete("acme", task_id) is True  # it existed: at version 1 or 2
+        saver.join(30)
+        outcomes.append(saved[0])
+        # Whichever came first, the delete is the last word: the task is gone and stays gone.
+        assert store.load("acme", task_id) is None
+        assert deleter.live_version("acme", task_id) is None
+    assert backend.residue() == []
+    assert set(outcomes) <= {"saved", "refused"}
+
+
 # --- damage is reported, never raised from load_all ------------------------------------------------
 
 DAMAGE_REASONS = {
@@ -274,6 +218,7 @@ DAMAGE_REASONS = {
 
 @pytest.mark.parametrize("kind", ["truncated", "flipped", "missing", "meta"])
 def test_a_damaged_task_is_reported_while_others_load(backend: Backend, store: TaskStore, kind: str) -> None:
+    store.save(make_snapshot(1, "acme", "broken"))
     store.save(make_snapshot(2, "acme", "broken"))
     store.save(make_snapshot(1, "beta", "t2"))
     backend.damage(kind, "acme", "broken")
