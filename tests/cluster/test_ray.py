@@ -31,9 +31,10 @@ PORT = 19000  # Ray's HTTP proxy, inside the private network namespace (any port
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the `ray` extra is not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the `ray` extra (in `dev`) is not installed"),
     pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a private netns"
+        os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+        reason="needs root, unshare and ip (iproute2; `make system-packages`) for private namespaces",
     ),
 ]
 
