@@ -23,10 +23,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# What the tests need from Debian (as root, only what is missing): Chromium for the page's browser tests.
-# PostgreSQL is installed by its own test fixture (tests/stores/postgres_server.py), which keeps Debian's
-# package from creating and starting a cluster of its own.
-SYSTEM_PACKAGES := chromium
+# What the tests need from Debian (as root, only what is missing): Chromium for the page's browser tests;
+# iproute2's `ip` to bring up the loopback of the Ray test's private network namespace (unshare is
+# util-linux, always there). PostgreSQL is installed by its own test fixture
+# (tests/stores/postgres_server.py), which keeps Debian's package from creating and starting a cluster.
+SYSTEM_PACKAGES := chromium iproute2
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app import __version__
-from app.service.factory import open_service
+from app.service.factory import EncoderFactory, open_service
 from app.settings import Settings, get_settings
 
 from .auth import KeyRing
@@ -25,7 +25,8 @@ DESCRIPTION = """Training-free few-shot image classification. POST a few labelle
 classify any image against it with Tip-Adapter, Tip-X, APE, GDA or zero-shot CLIP, no training."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, encoders: EncoderFactory | None = None) -> FastAPI:
+    """The app; `encoders` replaces the in-process encoder factory (the Ray engine's remote encoder)."""
     settings = settings or get_settings()
     keys = KeyRing(settings.api_keys, settings.admin_keys)
 
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if keys.open:
             log.warning("SHOTCACHE_API_KEYS is unset: the API is OPEN to anyone who can reach it (local use)")
-        service = open_service(settings)
+        service = open_service(settings, encoders=encoders) if encoders else open_service(settings)
         app.state.service = service
         try:
             yield

@@ -1,10 +1,15 @@
 """`shotcache serve --engine ray`: the service's replicas under Ray Serve (extra `ray`).
 
-Two deployments:
+Three deployments:
 
+- `shotcache-encoder` (api/ray_encoder.py): the model, once per encoder replica, un-multiplexed, with
+  `@serve.batch`: image (and class-prompt) batches from every task replica, so from requests of
+  different tasks, are encoded together.
 - `shotcache-replica` (N of them, `--replicas`): each runs the HTTP layer's own FastAPI app, built by its
-  own factory with its lifespan (model load, warm-up, the store), and answers requests in-process through
-  it: routes, validation, auth and errors are exactly those of `shotcache serve`. Replicas share task
+  own factory with its lifespan (the store, the core's queue and admission), and answers requests
+  in-process through it: routes, validation, auth and errors are exactly those of `shotcache serve`.
+  Its encoder backend is the encoder deployment (a handle): it loads no model of its own (with
+  `encoder: false` in the builder's args each replica loads its own, as before). Replicas share task
   state only through the store (`SHOTCACHE_STORE` must be a PostgreSQL URL: a local directory belongs to
   one process). `@serve.multiplexed` by task id gives task affinity: requests for a task go to a
   replica that has served it, so its task cache stays warm; the per-replica task count comes from the
@@ -15,9 +20,6 @@ Two deployments:
   SIGKILL, OOM), an idempotent request (GET, HEAD, classify) is sent again to another replica, so the
   client sees no failure; a create / add-shots / delete whose replica died may or may not have been
   applied and answers 503 `replica_lost` (the client checks the task, then retries).
-
-Not done here: a separate encoder deployment with `@serve.batch` (each replica batches its own
-requests with the service's micro-batching queue). docs/scaling.md says what that would take.
 
 Settings reach the replicas as constructor arguments (this process's SHOTCACHE_ variables plus the
 command line's), never as a runtime_env, which Ray shows in its dashboard and logs: the store URL may
@@ -44,6 +46,8 @@ from starlette.responses import JSONResponse, Response
 
 from app.settings import Settings
 
+from .ray_encoder import EncoderBatching, EncoderDeployment, ModelDescription, remote_encoders
+
 log = logging.getLogger(__name__)
 
 APP_FACTORY = "api.main:create_app"  # imported on the replica, not in the driver
@@ -56,6 +60,7 @@ _TASK_PATH = re.compile(r"^/v1/tasks/([A-Za-z0-9_-]{1,64})(?:/|$)")
 _IDEMPOTENT_POST = re.compile(r"^/v1/tasks/[^/]+/classify$")
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 _ATTEMPTS = 3
+REPLICA_HEADER = "x-shotcache-replica"
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "host"}
 
 
@@ -75,11 +80,17 @@ def _tasks_per_replica() -> int:
 class ShotcacheReplica:
     """One replica: this process's environment set from `env`, then the HTTP layer's app, in-process."""
 
-    # Ray awaits an async constructor (the model loads in the lifespan).
-    async def __init__(self, env: Mapping[str, str]) -> None:  # type: ignore[misc]
+    # Ray awaits an async constructor (the store opens in the lifespan).
+    async def __init__(self, env: Mapping[str, str], encoder: Any = None) -> None:  # type: ignore[misc]
         os.environ.update(env)
+        self.replica = serve.get_replica_context().replica_tag
         module, _, name = APP_FACTORY.partition(":")
-        self.app = getattr(importlib.import_module(module), name)()
+        create_app = getattr(importlib.import_module(module), name)
+        if encoder is None:  # this replica loads its own model
+            self.app = create_app()
+        else:
+            description: ModelDescription = await encoder.describe.remote()
+            self.app = create_app(encoders=remote_encoders(encoder, description, self.replica))
         self._lifespan: AbstractAsyncContextManager[Any] = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # loads the model and opens the store, as uvicorn's startup would
         self._client = httpx.AsyncClient(
@@ -101,6 +112,7 @@ class ShotcacheReplica:
         url = f"{path}?{query.decode('latin-1')}" if query else path
         response = await self._client.request(method, url, headers=headers, content=body)
         out_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _HOP_HEADERS]
+        out_headers.append((REPLICA_HEADER, self.replica))  # which replica answered (tests, debugging)
         return response.status_code, out_headers, response.content
 
     def check_health(self) -> None:
@@ -163,7 +175,9 @@ def app_builder(args: Mapping[str, Any]) -> Application:
     """The Serve application (also the `import_path` of a `serve deploy` config).
 
     `args`: `replicas` (a fixed count, default 2) or `autoscaling` (a Serve autoscaling_config dict) for
-    the replicas, and optionally `env` (SHOTCACHE_ variables; default: this process's).
+    the task replicas; `encoder`: the encoder deployment's `max_batch_size` / `batch_wait_timeout_s`
+    (`@serve.batch`) and `replicas` or `autoscaling` (default: 1 replica), or `false` for replicas that
+    each load their own model; optionally `env` (SHOTCACHE_ variables; default: this process's).
     """
     env = dict(args.get("env") or replica_env())
     if not env.get("SHOTCACHE_STORE", "").startswith(("postgresql://", "postgres://")):
@@ -178,14 +192,27 @@ def app_builder(args: Mapping[str, Any]) -> Application:
         replicas = replica.options(autoscaling_config=dict(autoscaling))
     else:
         replicas = replica.options(num_replicas=int(args.get("replicas", 2)))
-    return ingress.bind(replicas.bind(env))
+    encoder_args = args.get("encoder", {})
+    application: Application
+    if encoder_args is False:
+        application = ingress.bind(replicas.bind(env))
+        return application
+    encoder: Any = EncoderDeployment
+    encoder_args = dict(encoder_args or {})
+    if encoder_args.get("autoscaling"):
+        encoders = encoder.options(autoscaling_config=dict(encoder_args["autoscaling"]))
+    else:
+        encoders = encoder.options(num_replicas=int(encoder_args.get("replicas", 1)))
+    application = ingress.bind(replicas.bind(env, encoders.bind(env, EncoderBatching.from_args(encoder_args))))
+    return application
 
 
 def serve_with_ray(settings: Settings, overrides: Mapping[str, object], replicas: int) -> None:
     """Start a local Ray instance, Serve's proxy on settings.host:port, and `replicas` replicas; block."""
     import ray
 
-    ray.init(num_cpus=max(replicas + 1, os.cpu_count() or 1), include_dashboard=False)
+    # Logical CPUs: one per task replica and one for the encoder deployment (the ingress takes none).
+    ray.init(num_cpus=max(replicas + 2, os.cpu_count() or 1), include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     application = app_builder({"replicas": replicas, "env": replica_env(overrides)})
     log.info("ray engine: %d replica(s) behind http://%s:%d", replicas, settings.host, settings.port)

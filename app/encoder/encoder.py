@@ -119,9 +119,15 @@ class Encoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), self._batch_size):
             chunk = texts[start : start + self._batch_size]
-            tokens = self.tokenize(chunk)
+            out[start : start + len(chunk)] = self.encode_tokens(self.tokenize(chunk))
+        return l2_normalise(out)
+
+    def encode_tokens(self, tokens: npt.NDArray[np.int64]) -> FloatArray:
+        """L2-normalised text features [n, d] of token ids (a remote encoder's text tower sends these)."""
+        out = np.empty((tokens.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, tokens.shape[0], self._batch_size):
             with self._lock:
-                out[start : start + len(chunk)] = self._text_tower(tokens)
+                out[start : start + self._batch_size] = self._text_tower(tokens[start : start + self._batch_size])
         return l2_normalise(out)
 
     def class_text_weights(
