@@ -116,6 +116,16 @@ if [ "$ENGINE" = docker ]; then
         DOCKERD_PID=$!
         for _ in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
         docker info >/dev/null 2>&1 || fail "dockerd did not answer; see $DIR/daemon/dockerd.log"
+        # The client of the daemon's own release, if there is one: a newer one first on PATH (e.g. a
+        # docker 28 CLI in /usr/local/bin beside Debian's 20.10) builds with BuildKit only through buildx.
+        server=$(docker version --format '{{.Server.Version}}')
+        for cli in $(type -ap docker); do
+            if [ "$("$cli" version --format '{{.Client.Version}}' 2>/dev/null)" = "$server" ]; then
+                PATH=$(dirname "$cli"):$PATH
+                hash -r
+                break
+            fi
+        done
     fi
     ENGINE_VERSION="docker $(docker version --format 'server {{.Server.Version}}, client {{.Client.Version}}')"
 else
