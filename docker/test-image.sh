@@ -291,7 +291,7 @@ healthcheck='{{if .Config.Healthcheck}}yes{{end}}'
 [ -n "$("$ENGINE" image inspect -f "$healthcheck" "$IMAGE")" ] || fail "image has no HEALTHCHECK"
 "$ENGINE" run --rm --network none --entrypoint sh "$IMAGE" -c \
     'du -sm /opt/venv /opt/shotcache /usr 2>/dev/null; du -sm /opt/venv/lib/python3*/site-packages/* | sort -rn | head -12' \
-    >"$OUT/contents.txt"
+    >"$OUT/contents.txt" 2>>"$OUT/engine.log"
 
 # --- run it ---------------------------------------------------------------------------------------------
 url=http://127.0.0.1:$PORT
@@ -314,7 +314,13 @@ wait_healthy() {
     done
     fail "health check never passed: $("$ENGINE" inspect -f '{{json .State.Health}}' "$NAME")"
 }
-memory() { "$ENGINE" stats --no-stream --format '{{.MemUsage}}' "$NAME" | awk '{print $1}'; }
+# The engine's figure (cgroup usage: Docker leaves the page cache out, podman counts part of it) and the
+# server process's own resident set, which compares across engines.
+memory() {
+    local rss
+    rss=$("$ENGINE" exec "$NAME" sh -c 'for p in /proc/[0-9]*; do tr "\0" " " <$p/cmdline | grep -q "shotcache serve" && awk "/^VmRSS:/{print \$2}" $p/status; done' | sort -n | tail -1)
+    echo "$("$ENGINE" stats --no-stream --format '{{.MemUsage}}' "$NAME" | awk '{print $1}') (server RSS $((rss / 1024)) MiB)"
+}
 
 "$ENGINE" volume create "$VOLUME" >/dev/null
 log "run with volume $VOLUME on 127.0.0.1:$PORT"
@@ -398,7 +404,7 @@ engine: $ENGINE_VERSION
 builds: $(for b in $BUILDERS; do printf '%s %s s; ' "$b" "$(cat "$OUT/build-$b.seconds")"; done)
 lowest free disk while building (MB): $(for b in $BUILDERS; do printf '%s %s; ' "$b" "$(cat "$OUT/build-$b.lowest-free-mb")"; done)
 ready: first start $READY_FIRST s, after restart $READY_RESTART s
-memory ($ENGINE stats): after task create + classify $MEM_WARM, after restart + classify $MEM_RESTART
+memory ($ENGINE stats, and the server's RSS): after task create + classify $MEM_WARM, after restart + classify $MEM_RESTART
 graceful stop: $STOP s
 total: $(($(date +%s) - started)) s, load: $(cut -d' ' -f1-3 /proc/loadavg)
 contents (MB):
