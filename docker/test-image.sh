@@ -95,6 +95,8 @@ cleanup() {
         kill "$DOCKERD_PID" 2>/dev/null
         for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
         kill -9 "$DOCKERD_PID" 2>/dev/null
+        # dockerd 20.10 leaves its default network namespace mounted under the exec root.
+        findmnt -rn -o TARGET | grep "^$DIR/daemon/exec/" | sort -r | xargs -r umount 2>/dev/null
     fi
     exit $status
 }
