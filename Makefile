@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install clean wheelhouse system-packages docker-test
+.PHONY: serve test lint install clean wheelhouse system-packages docker-test podman-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: lint system-packages
 # The container image's full proof (build, run, restart, memory; minutes): docker/README.md.
 docker-test:
 	docker/test-image.sh
+
+# The same proof with podman (podman build --format docker, its own store, deleted at exit).
+podman-test:
+	SHOTCACHE_ENGINE=podman docker/test-image.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

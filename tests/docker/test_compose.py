@@ -100,3 +100,53 @@ def test_docker_compose_v1_accepts_the_file() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "PIP_INDEX_URL: https://mirror.example/simple" in run.stdout, "build args from the environment"
+
+
+def _compose_v2() -> list[str] | None:
+    """A Compose v2 command: $SHOTCACHE_COMPOSE_V2 (a docker-compose v2 binary), `docker compose`, or a
+    `docker-compose` that is v2; None when there is none (Debian 12 packages only v1)."""
+    candidates = [[path] for path in (os.environ.get("SHOTCACHE_COMPOSE_V2"), shutil.which("docker-compose")) if path]
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    for command in candidates:
+        try:
+            run = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if run.returncode == 0 and re.match(r"v?2\.", run.stdout.strip()):
+            return command
+    return None
+
+
+COMPOSE_V2 = _compose_v2()
+
+
+@pytest.mark.skipif(
+    COMPOSE_V2 is None,
+    reason="no Compose v2: neither `docker compose` nor SHOTCACHE_COMPOSE_V2=<a docker-compose v2 binary> "
+    "(docker/README.md, Compose, says where to get one)",
+)
+def test_docker_compose_v2_accepts_the_file() -> None:
+    assert COMPOSE_V2 is not None
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PIP_INDEX_URL": "https://mirror.example/simple",
+        "SHOTCACHE_BUILD_WHEELHOUSE": "wheelhouse",
+        "SHOTCACHE_API_KEYS": "acme:secret",
+    }
+    run = subprocess.run(
+        [*COMPOSE_V2, "-p", "shotcache", "-f", str(COMPOSE), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    service = json.loads(run.stdout)["services"]["shotcache"]
+    args = service["build"]["args"]
+    assert args["PIP_INDEX_URL"] == "https://mirror.example/simple", "build args from the environment"
+    assert args["WHEELHOUSE"] == "wheelhouse"
+    assert service["environment"]["SHOTCACHE_API_KEYS"] == "acme:secret"
+    assert service["deploy"]["resources"]["limits"]["cpus"] in (2, 2.0, "2")
+    assert [(p["host_ip"], str(p["published"]), p["target"]) for p in service["ports"]] == [("127.0.0.1", "8000", 8000)]

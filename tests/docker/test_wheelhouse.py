@@ -112,12 +112,36 @@ def test_image_test_script_never_pulls_and_binds_loopback() -> None:
     subprocess.run(["bash", "-n", str(TEST_SCRIPT)], check=True, timeout=30)
     commands = _commands(TEST_SCRIPT.read_text())
     assert "docker pull" not in commands
-    assert "--pull" not in commands
+    assert "podman pull" not in commands
+    # The only --pull is podman's and buildah's "never" (their default would pull a missing base).
+    assert set(re.findall(r"--pull\S*", commands)) == {"--pull=never"}
     # Builds see no network at all; the container shares the host's, so the service binds 127.0.0.1.
-    assert re.search(r"docker build --network none", commands)
-    assert re.search(r"docker run -d .*--network host", commands)
+    builds = re.findall(r"exec (docker build|podman build|buildah bud)( [^\n]*)", commands)
+    assert {tool for tool, _ in builds} == {"docker build", "podman build", "buildah bud"}
+    assert re.search(r"local args=\(--network none ", commands), "every builder gets --network none"
+    assert re.search(r'"\$ENGINE" run -d .*--network host', commands)
     assert "-e SHOTCACHE_HOST=127.0.0.1" in commands
     # Its own daemon is stopped by the PID it started, never by name.
     assert 'kill "$DOCKERD_PID"' in commands
     assert "pkill" not in commands
     assert "killall" not in commands
+
+
+def test_image_test_script_proves_podman_with_the_health_check_kept() -> None:
+    commands = _commands(TEST_SCRIPT.read_text())
+    # --format docker keeps HEALTHCHECK; --layers=false keeps the disk use to one commit per stage.
+    for tool in ("podman build", "buildah bud"):
+        assert re.search(rf"exec {tool} --format docker --layers=false --pull=never ", commands), tool
+    # podman exits 0 when signalled mid-build: success is the image being there, not the exit status.
+    assert re.search(r'"\$ENGINE" image inspect "\$TAG-\$builder"', commands)
+    # Its own store and temp dir, overlay storage, and a store reset only when its own config is in force.
+    assert 'driver = "overlay"' in commands
+    assert "export CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf" in commands
+    assert "export TMPDIR=$PODMAN_DIR/tmp" in commands
+    reset = commands.index("podman system reset -f")
+    guard = commands.rindex('"${CONTAINERS_STORAGE_CONF:-}" = "$PODMAN_DIR/storage.conf"', 0, reset)
+    assert guard < reset
+    # Without systemd nothing runs podman's health check on its interval: the script runs it.
+    assert "podman healthcheck run" in commands
+    # A build is stopped before the disk fills.
+    assert re.search(r"MIN_FREE_GB=\$\{SHOTCACHE_MIN_FREE_GB:-\d+\}", commands)
