@@ -150,7 +150,8 @@ async def classify(
     abstain: Annotated[bool, Form(description=_OPTIONS["abstain"][1])] = False,
     evidence: Annotated[int, Form(description=_OPTIONS["evidence"][1])] = 0,
 ) -> ClassifyOut:
-    await service.get(caller.tenant, task_id)  # 404/409 before reading the uploads
+    # No early task check here (unlike the raw body): FastAPI has parsed the form already, and
+    # service.classify's own lookup is the request's one version check against the store.
     uploads = await read_uploads(images, service.limits.max_file_bytes)
     request = ClassifyRequest(uploads, top_k=top_k, method=method, abstain=abstain, evidence=evidence)
     return classify_out(await service.classify(caller.tenant, task_id, request), uploads)
