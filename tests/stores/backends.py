@@ -5,6 +5,7 @@ and the code a child process runs to open the same store (the SIGKILL harness)."
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,10 @@ class Backend:
     beyond_live: Callable[[str, str, int], list[str]]
     child_open: str  # a Python expression opening this store in a child process, from `location`
     location: str
+    # Wait until a killed writer's last statement has finished where it runs (a database server finishes
+    # a COMMIT it had received after its client died): reads made before that could see the old live
+    # version and then the new one's rows.
+    settle: Callable[[], None] = lambda: None
     _opened: list[Any] = field(default_factory=list)
 
 
@@ -120,6 +125,17 @@ def postgres_backend(url: str) -> Backend:
         )
         return [f"version {v}" for (v,) in versions] + [f"blob {digest}" for (digest,) in unused]
 
+    def settle() -> None:
+        deadline = time.monotonic() + 30
+        busy = (
+            "SELECT pid, state FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            " AND pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle'"
+        )
+        while still := sql(busy):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sessions still busy 30 s after the kill: {still}")
+            time.sleep(0.02)
+
     backend = Backend(
         "postgres",
         lambda: None,  # type: ignore[arg-type,return-value]
@@ -129,6 +145,7 @@ def postgres_backend(url: str) -> Backend:
         beyond_live=beyond_live,
         child_open="PostgresStore(location)",
         location=url,
+        settle=settle,
     )
 
     def open_store() -> TaskStore:

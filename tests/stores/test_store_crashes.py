@@ -83,6 +83,7 @@ def test_sigkill_during_saves_never_loses_an_acknowledged_version(backend: Backe
         acknowledged_saves += len(acknowledged)
         known = max([known, *acknowledged])
 
+        backend.settle()
         restored, damaged = backend.open().load_all()  # a restart: a new store object on the same storage
         assert damaged == []
         if known == 0 and not restored:
