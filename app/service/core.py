@@ -211,8 +211,8 @@ class TaskService:
 
     async def store_problem(self) -> str | None:
         """Why the task store cannot serve right now (None: it can), for /readyz, answered within
-        READY_DEADLINE_S: a known outage at once (no I/O, no thread); else one ping in a thread of its own
-        (not the I/O pool, which requests held up by the outage may fill), bounded by the store."""
+        READY_DEADLINE_S: a known outage at once (no I/O, no thread); else one ping on asyncio's default
+        executor (not the I/O pool, which requests held up by the outage may fill), bounded by the store."""
         known = outage(self.store)
         if known is not None:
             return known
