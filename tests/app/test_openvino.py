@@ -1,20 +1,97 @@
-"""The OpenVINO backends (the `openvino` extra): IR exports made from the verified ONNX export, checked against
-torch, cached with their weights file under the manifest's checksums, and opened torch-free."""
+"""The OpenVINO backends (the `openvino` extra): IR exports converted from torch (the ONNX export when that fails),
+checked against torch, cached with their weights file under the manifest's checksums, and opened torch-free;
+the int8 tower keeps every attention's output projection in floating point."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from app.encoder.backends import export
 from app.encoder.backends.cache import read_valid
 from app.encoder.exported import open_towers
-from tests.app.test_backends import tiny_encoder, tiny_model
+from app.encoder.load import LoadedModel, ModelIdentity, PreprocessConfig, weights_sha256
+from tests.app.test_backends import Tiny, tiny_encoder, tiny_model, tiny_tokenizer
 
 pytest.importorskip("openvino", reason="the `openvino` extra is not installed")
+
+from app.encoder.backends import openvino_export
+
+
+class TinyViT(Tiny):
+    """Tiny's text tower under an image tower of 4 x 4 patches and two self-attention blocks (ViT's shape)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.patches = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.blocks = torch.nn.ModuleList(torch.nn.MultiheadAttention(16, 2, batch_first=True) for _ in range(2))
+        self.head = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            for parameter in [*self.patches.parameters(), *self.blocks.parameters(), *self.head.parameters()]:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tokens = tokens + block(tokens, tokens, tokens, need_weights=False)[0]
+        return self.head(tokens.mean(1))  # type: ignore[no-any-return]
+
+
+def tiny_vit(seed: int = 3) -> LoadedModel:
+    model = TinyViT(seed).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    identity = ModelIdentity("tiny-vit", None, weights_sha256(model), 16)
+    preprocess = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest")
+    return LoadedModel(model, tiny_tokenizer, preprocess, identity, 10.0, "*")
+
+
+def _through_layout(node: Any) -> Any:
+    while node.get_type_name() in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Convert"):
+        node = node.input_value(0).get_node()
+    return node
+
+
+def test_int8_keeps_attention_output_projections_in_floating_point(tmp_path: Path) -> None:
+    import openvino
+
+    loaded = tiny_vit()
+    found = export.ensure_export(loaded, "openvino-int8", tmp_path)
+    assert found.image.precision == "int8"
+    assert "converted from torch" in str(found.image.note)
+    assert "2 attention output projections" in str(found.image.note)
+    quantized = openvino.Core().read_model(str(found.image.path))
+    matmul_inputs = [
+        _through_layout(op.input_value(0).get_node()).get_type_name()
+        for op in quantized.get_ops()
+        if op.get_type_name() == "MatMul"
+    ]
+    # Both output projections read the attention directly; every other MatMul reads quantized values.
+    assert matmul_inputs.count("ScaledDotProductAttention") == 2
+    assert "FakeQuantize" in matmul_inputs
+    # The same two are found in the graph converted from the ONNX export (a fused attention there too).
+    onnx_graph = openvino.convert_model(str(export.ensure_export(loaded, "onnx", tmp_path).image.path))
+    assert len(openvino_export.attention_output_projections(onnx_graph)) == 2
+
+
+def test_a_tower_that_torch_cannot_convert_is_converted_from_the_onnx_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(loaded: LoadedModel, tower: str) -> None:
+        raise RuntimeError("this frontend cannot trace the model")
+
+    monkeypatch.setattr(openvino_export, "_from_torch", refuse)
+    loaded = tiny_model(7)
+    found = export.ensure_export(loaded, "openvino", tmp_path)
+    assert found.image.note == found.text.note == "converted from ONNX"
+    assert (export.export_dir(loaded, "onnx", tmp_path) / "image.onnx").is_file()
+    assert found.image.check["min_cosine"] >= 0.99
 
 
 def test_openvino_export_is_close_to_torch_cached_and_checked(tmp_path: Path) -> None:
@@ -29,6 +106,8 @@ def test_openvino_export_is_close_to_torch_cached_and_checked(tmp_path: Path) ->
     assert np.sum(encoder.encode_texts(texts) * reference.encode_texts(texts), axis=1).min() >= 0.99
 
     found = export.ensure_export(loaded, "openvino", tmp_path)
+    assert found.image.note == found.text.note == "converted from torch"
+    assert not export.export_dir(loaded, "onnx", tmp_path).exists()  # the ONNX export is only the fallback
     manifest = json.loads((found.folder / export.MANIFEST).read_text())
     assert [e["file"] for e in manifest["towers"]["image"]["extra_files"]] == ["image.bin"]
     # Torch-free: the same export opened by the serving path's helper gives the same features.
@@ -41,3 +120,30 @@ def test_openvino_export_is_close_to_torch_cached_and_checked(tmp_path: Path) ->
     again = export.ensure_export(loaded, "openvino", tmp_path)
     assert export.exports_made() == before + 1
     assert not isinstance(read_valid(again.folder, loaded.identity.weights_sha256), str)
+
+
+def test_int8_falls_back_to_the_generic_recipe_when_the_transformer_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quantize = openvino_export._quantize
+    recipes = []
+
+    def transformer_breaks(model: Any, pixels: Any, recipe: str, kept: list[str]) -> Any:
+        recipes.append(recipe)
+        if recipe == "transformer":
+            raise RuntimeError("NNCF could not quantize this graph")
+        return quantize(model, pixels, recipe, kept)
+
+    monkeypatch.setattr(openvino_export, "_quantize", transformer_breaks)
+    found = export.ensure_export(tiny_vit(5), "openvino-int8", tmp_path)  # other weights: not a cached export
+    assert recipes == ["transformer", "generic"]
+    assert "(generic recipe), converted from torch" in str(found.image.note)
+    assert found.image.precision == "int8"
+    assert found.image.path.name == "image.xml"
+    assert sorted(p.name for p in found.folder.iterdir()) == [
+        "image.bin",
+        "image.xml",
+        "manifest.json",
+        "text.bin",
+        "text.xml",
+    ]

@@ -17,11 +17,13 @@ from typing import Literal
 
 from ..load import ModelIdentity
 
-EXPORT_FORMAT = 1  # bump when the export recipe changes: older folders are then exported again
 MANIFEST = "manifest.json"
 ONNX_BACKENDS = ("onnx", "onnx-int8")
 OPENVINO_BACKENDS = ("openvino", "openvino-int8")  # the `openvino` extra
 EXPORTED_BACKENDS = ONNX_BACKENDS + OPENVINO_BACKENDS
+# The recipe version per backend: bump one when its recipe changes, and only that backend's older folders are
+# exported again. OpenVINO 2: converted from torch rather than from the ONNX file, int8 keeps attention outputs.
+EXPORT_FORMATS = {"onnx": 1, "onnx-int8": 1, "openvino": 2, "openvino-int8": 2}
 INPUT_NAMES = {"image": "pixels", "text": "tokens"}
 
 Tower = Literal["image", "text"]
@@ -75,8 +77,9 @@ def read_valid(folder: Path, weights_sha256: str) -> Export | str:
     except (OSError, ValueError) as exc:
         return f"unreadable manifest: {exc}"
     try:
-        if manifest["format"] != EXPORT_FORMAT:
-            return f"format {manifest['format']} is not {EXPORT_FORMAT}"
+        wanted = EXPORT_FORMATS.get(manifest["backend"])
+        if manifest["format"] != wanted:
+            return f"format {manifest['format']} of {manifest['backend']!r} is not {wanted}"
         if manifest["weights_sha256"] != weights_sha256:
             return "it was exported from other weights"
         towers = {}

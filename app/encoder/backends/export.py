@@ -32,7 +32,7 @@ import torch
 from ..folders import file_lock, install_folder
 from ..load import LoadedModel
 from .cache import (
-    EXPORT_FORMAT,
+    EXPORT_FORMATS,
     EXPORTED_BACKENDS,
     INPUT_NAMES,
     MANIFEST,
@@ -154,14 +154,16 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
         elif backend in OPENVINO_BACKENDS:
             from .openvino_export import build_openvino
 
-            fp32 = ensure_export(loaded, "onnx", data_dir, threads=threads)
-            towers = build_openvino(loaded, backend, fp32, tmp, threads)
+            def onnx_fp32() -> Export:  # the fallback source, exported only if converting from torch fails
+                return ensure_export(loaded, "onnx", data_dir, threads=threads)
+
+            towers = build_openvino(loaded, backend, onnx_fp32, tmp, threads)
         else:
             fp32 = ensure_export(loaded, "onnx", data_dir, threads=threads)
             towers["image"] = _quantize(loaded, "image", fp32.image, tmp / "image.onnx", threads, required=True)
             towers["text"] = _quantize(loaded, "text", fp32.text, tmp / "text.onnx", threads, required=False)
         manifest = {
-            "format": EXPORT_FORMAT,
+            "format": EXPORT_FORMATS[backend],
             "backend": backend,
             "model_id": loaded.identity.model_id,
             "weights_sha256": loaded.identity.weights_sha256,
@@ -194,8 +196,13 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
     return found
 
 
+def tower_module(loaded: LoadedModel, tower: Tower) -> torch.nn.Module:
+    """One tower of the model as a module with one tensor in and one out: what every exporter converts."""
+    return _TowerModule(loaded.model, tower).eval()
+
+
 def _export_fp32(loaded: LoadedModel, tower: Tower, path: Path, threads: int) -> TowerExport:
-    module = _TowerModule(loaded.model, tower).eval()
+    module = tower_module(loaded, tower)
     example = torch.from_numpy(check_inputs(loaded, tower)[:2])
     name = INPUT_NAMES[tower]
     errors = []
