@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import FloatArray, ImageTower, TextTower
+from .backends.cache import EXPORT_FORMATS
 from .calibration import generated_images
 from .load import PreprocessConfig
 from .preprocess import Preprocessor
@@ -67,7 +68,8 @@ class BackendChoice:
 
 
 def host_key(threads: int) -> str:
-    """CPU model + flags + threads: what decides which backend is fastest."""
+    """CPU model + flags + threads, and the export recipes' versions: what decides which backend is fastest (a
+    changed recipe makes other towers, so a host measures again)."""
     model, flags = platform.processor(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -79,7 +81,8 @@ def host_key(threads: int) -> str:
     except OSError:
         pass
     digest = hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:16]
-    return f"{model or platform.machine()} x{os.cpu_count()} threads={threads} flags={digest}"
+    recipes = ",".join(f"{backend}:{version}" for backend, version in sorted(EXPORT_FORMATS.items()))
+    return f"{model or platform.machine()} x{os.cpu_count()} threads={threads} flags={digest} exports={recipes}"
 
 
 def read_choice(model_folder: Path, host: str) -> BackendChoice | None:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
-from app.encoder.backends.cache import model_folder
+from app.encoder.backends.cache import EXPORT_FORMATS, model_folder
 from app.encoder.choice import CHOICE_FILE, FIDELITY_MIN_COSINE, host_key, measure
 from app.encoder.encoder import Encoder
 from app.encoder.load import PreprocessConfig
@@ -133,3 +134,10 @@ def test_the_choice_is_cached_per_host_and_reused(encoder: Encoder, model_data_d
     assert choice["backend"] == other
     assert choice["cached"] is True
     assert backend == ("onnx" if other == "onnx-int8" else other)  # the stand-in's int8 export keeps fp32 towers
+
+
+def test_a_changed_export_recipe_makes_the_host_measure_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = host_key(2)
+    assert host_key(2) == before
+    monkeypatch.setitem(EXPORT_FORMATS, "openvino", EXPORT_FORMATS["openvino"] + 1)
+    assert host_key(2) != before
