@@ -210,6 +210,8 @@ def resize_center_crop(
     else:
         resized_width, resized_height = int(size * width / height), size
     resized = img.resize((resized_width, resized_height), resample)
+    if resized.size == (size, size):  # a square image: the crop would be a copy of all of it
+        return resized
     # torchvision's CenterCrop offsets (Python's round: half to even).
     left = round((resized_width - size) / 2.0)
     top = round((resized_height - size) / 2.0)

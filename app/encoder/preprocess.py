@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from app.images import resize_center_crop
 from .load import PreprocessConfig
 
 Pixels = npt.NDArray[np.float32]  # [n, 3, H, W], normalised
+Crops = npt.NDArray[np.uint8]  # [n, H, W, 3] RGB: the transform's S x S images before normalisation
 
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}  # load.INTERPOLATIONS
 
@@ -41,7 +43,34 @@ class Preprocessor:
 
     def eval_pixels(self, images: Sequence[Image.Image]) -> Pixels:
         """[n, 3, S, S] normalised pixels of the eval transform."""
-        return self._stack([self.eval_crop(img) for img in images])
+        return self.normalise(self.eval_crops(images))
+
+    def eval_crops(self, images: Sequence[Image.Image]) -> Crops:
+        """[n, S, S, 3] uint8: the eval transform before normalisation (a quarter of the float bytes; the
+        encoder queue normalises a batch of them into its own reused buffer)."""
+        return self._crops([self.eval_crop(img) for img in images])
+
+    def normalise(self, crops: Crops, out: Pixels | None = None) -> Pixels:
+        """(x / 255 - mean) / std of each crop, channels first, as torchvision's ToTensor + Normalize, into
+        `out` (shape [n, 3, S, S]; a new array when None)."""
+        n = crops.shape[0]
+        if out is None:
+            out = np.empty((n, 3, self.size, self.size), dtype=np.float32)
+        elif out.shape != (n, 3, self.size, self.size) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 {(n, 3, self.size, self.size)}, got {out.dtype} {out.shape}")
+        scale, offset = self._affine
+        for i in range(n):
+            # Straight from the uint8 view (no float copy of the image): x * scale - offset, in place.
+            np.multiply(crops[i].transpose(2, 0, 1), scale, out=out[i])
+            out[i] -= offset
+        return out
+
+    @functools.cached_property
+    def _affine(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """(1 / (255 std), mean / std), shaped [3, 1, 1]: normalisation as one multiply and one subtract."""
+        std = np.asarray(self.config.std, dtype=np.float32).reshape(3, 1, 1)
+        mean = np.asarray(self.config.mean, dtype=np.float32).reshape(3, 1, 1)
+        return 1.0 / (255.0 * std), mean * (1.0 / std)
 
     def eval_crop(self, image: Image.Image) -> Image.Image:
         """The eval transform's S x S image, before normalisation."""
@@ -63,18 +92,12 @@ class Preprocessor:
         for image, seed in zip(images, seeds, strict=True):
             rng = np.random.default_rng(seed)
             crops.extend(random_resized_crop(image, self.size, rng) for _ in range(views))
-        return self._stack(crops)
+        return self.normalise(self._crops(crops))
 
-    def _stack(self, crops: Sequence[Image.Image]) -> Pixels:
-        out = np.empty((len(crops), 3, self.size, self.size), dtype=np.float32)
-        mean = np.asarray(self.config.mean, dtype=np.float32).reshape(3, 1, 1)
-        scale = (1.0 / (255.0 * np.asarray(self.config.std, dtype=np.float32))).reshape(3, 1, 1)
-        inv_std = 1.0 / np.asarray(self.config.std, dtype=np.float32).reshape(3, 1, 1)
+    def _crops(self, crops: Sequence[Image.Image]) -> Crops:
+        out = np.empty((len(crops), self.size, self.size, 3), dtype=np.uint8)
         for i, crop in enumerate(crops):
-            chw = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1)
-            # (x / 255 - mean) / std, as torchvision's ToTensor + Normalize, in two fused steps.
-            np.multiply(chw, scale, out=out[i])
-            out[i] -= mean * inv_std
+            out[i] = np.asarray(crop)
         return out
 
 

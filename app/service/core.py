@@ -22,14 +22,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app import __version__
 from app.encoder import Encoder
 from app.encoder.factory import ModelDefaults
-from app.encoder.preprocess import Pixels
+from app.encoder.preprocess import Crops
 from app.errors import AppError, ErrorCode
 from app.images import ImageLimits
 from app.settings import MAX_VIEWS, Settings
@@ -43,7 +43,7 @@ from .admission import Admission, Permit
 from .builder import Progress, TaskBuilder
 from .heap import release_freed_memory
 from .persist import from_snapshot, to_snapshot
-from .queue import EncoderQueue
+from .queue import EncoderQueue, shutting_down
 from .registry import BuildStatus, Key, TaskRegistry
 from .requests import (
     AUTO,
@@ -55,7 +55,7 @@ from .requests import (
     RequestRules,
     UploadedImage,
 )
-from .task import Prediction, Task
+from .task import FloatArray, Prediction, Task
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class TaskService:
             max_side=settings.max_image_side,
             max_pixels=settings.max_image_pixels,
         )
-        self.queue = EncoderQueue(encoder, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+        self.queue = EncoderQueue(
+            encoder, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, preprocessor=encoder.preprocessor
+        )
         self.admission = Admission(
             max_builds=settings.max_pending_builds,
             max_classify_images=settings.queue_size,
@@ -189,13 +191,13 @@ class TaskService:
         checked = self.rules.classify(request, task)
         with self.admission.classify(len(checked.images)):
             self.queue.announce()  # a batch being formed waits for these pixels instead of leaving without them
+            answer: Future[builtins.list[Prediction]] = Future()
             try:
-                pixels = await self._run(self._classify_pool, self._classify_pixels, checked.images)
+                self._on_classify_pool(answer, self._classify_stages, task, checked, answer, announced=True)
             except BaseException:
                 self.queue.withdraw()
                 raise
-            features = await asyncio.wrap_future(self.queue.submit(pixels, announced=True))
-            predictions = await self._run(self._classify_pool, self._predict, task, features, checked)
+            predictions = await asyncio.wrap_future(answer)
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return Classification(task, predictions)
 
@@ -327,11 +329,70 @@ class TaskService:
 
         return report
 
-    def _classify_pixels(self, images: Sequence[UploadedImage]) -> Pixels:
-        return self.encoder.preprocessor.eval_pixels(self.builder.decode(images))
+    def _classify_stages(self, task: Task, checked: CheckedClassify, answer: Future[builtins.list[Prediction]]) -> None:
+        """Decode + crop here (a classify-pool thread), encode on the queue, predict back on this pool, then
+        settle `answer`: the stages hand over to each other directly, so the event loop is woken once per
+        request instead of after every stage (docs/benchmarks.md, request path). Every failure ends in `answer`."""
+        if answer.cancelled():  # the client went away while this waited for a thread
+            self.queue.withdraw()
+            return
+        try:
+            crops = self._classify_crops(checked.images)
+        except BaseException as exc:
+            self.queue.withdraw()
+            _settle(answer, exc)
+            return
+        try:
+            features = self.queue.submit_crops(crops, announced=True)
+        except BaseException as exc:
+            _settle(answer, exc)
+            return
+
+        def predict(encoded: Future[FloatArray]) -> None:  # on the pool
+            try:
+                _settle(answer, self._predict(task, encoded.result(), checked))
+            except BaseException as exc:
+                _settle(answer, exc)
+
+        def encoded(done: Future[FloatArray]) -> None:  # on the encoder thread
+            try:
+                self._on_classify_pool(answer, predict, done)
+            except BaseException as exc:  # the pool is shut down
+                _settle(answer, exc)
+
+        features.add_done_callback(encoded)
+
+    def _on_classify_pool(
+        self, answer: Future[Any], fn: Callable[..., None], *args: Any, announced: bool = False
+    ) -> None:
+        """Run `fn` on the classify pool; if the pool drops it unrun (shutdown), `answer` fails (and the
+        queue stops waiting for its `announced` job)."""
+
+        def dropped(job: Future[None]) -> None:
+            if job.cancelled():
+                if announced:
+                    self.queue.withdraw()
+                _settle(answer, shutting_down())
+
+        self._classify_pool.submit(fn, *args).add_done_callback(dropped)
+
+    def _classify_crops(self, images: Sequence[UploadedImage]) -> Crops:
+        return self.encoder.preprocessor.eval_crops(self.builder.decode(images))
 
     @staticmethod
     def _predict(task: Task, features: Any, checked: CheckedClassify) -> builtins.list[Prediction]:
         return task.classify(
             features, method=checked.method, top_k=checked.top_k, abstain=checked.abstain, evidence=checked.evidence
         )
+
+
+def _settle(future: Future[T], outcome: T | BaseException) -> None:
+    """Resolve `future` with a result or an exception, unless it is already settled or cancelled (the
+    client went away: its awaiting coroutine was cancelled, which cancels the future)."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass

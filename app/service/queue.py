@@ -6,6 +6,10 @@ its rows. It only waits while a job is on its way: callers `announce` a job befo
 (decoding), so a lone request is encoded at once instead of idling `max_wait_ms` (measured: 5 ms of a
 15 ms request with the stand-in), while concurrent requests still share a batch.
 
+Classify jobs come as uint8 crops (`submit_crops`): the worker normalises a batch of them into one float
+buffer it reuses for every call, instead of each request allocating (and page-faulting) its own float
+pixels and the worker concatenating them (docs/benchmarks.md, request path).
+
 Three lanes, served in this order: `interactive` (classify images), `text` (class prompts of a task
 being built), `bulk` (shot images of a task being built). So a big build slows classify down by at most
 one batch. The queue admits nothing itself: `Admission` (admission.py) decides what may enter.
@@ -25,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from app.encoder import Encoder
-from app.encoder.preprocess import Pixels
+from app.encoder.preprocess import Crops, Pixels, Preprocessor
 from app.errors import AppError, ErrorCode
 
 from . import metrics
@@ -41,21 +45,31 @@ LANES: tuple[Lane, ...] = ("interactive", "text", "bulk")
 class _Job:
     lane: Lane
     pixels: Pixels | None = None
+    crops: Crops | None = None  # normalised by the worker, into its batch buffer
     texts: Sequence[str] = ()
     future: Future[FloatArray] = field(default_factory=Future)
 
     @property
     def size(self) -> int:
-        return int(self.pixels.shape[0]) if self.pixels is not None else len(self.texts)
+        if self.pixels is not None:
+            return int(self.pixels.shape[0])
+        if self.crops is not None:
+            return int(self.crops.shape[0])
+        return len(self.texts)
 
 
-def _shutting_down() -> AppError:
+def shutting_down() -> AppError:
     return AppError(ErrorCode.SHUTTING_DOWN, "the service is shutting down; retry on another replica or later")
 
 
 class EncoderQueue:
-    def __init__(self, encoder: Encoder, *, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(
+        self, encoder: Encoder, *, max_batch: int, max_wait_ms: float, preprocessor: Preprocessor | None = None
+    ) -> None:
+        """`preprocessor` normalises `submit_crops` jobs (None: only float pixels are accepted)."""
         self._encoder = encoder
+        self._preprocessor = preprocessor
+        self._buffer: Pixels | None = None  # the worker's batch of normalised pixels, reused
         self._max_batch = max_batch
         self._max_wait = max_wait_ms / 1000.0
         self._lanes: dict[Lane, collections.deque[_Job]] = {lane: collections.deque() for lane in LANES}
@@ -75,7 +89,7 @@ class EncoderQueue:
         self._thread.join(timeout=30)
         for lane in self._lanes.values():
             for job in lane:
-                job.future.set_exception(_shutting_down())
+                job.future.set_exception(shutting_down())
 
     @property
     def images_per_second(self) -> float:
@@ -97,6 +111,13 @@ class EncoderQueue:
         """Queue `pixels` for encoding; the future resolves to their L2-normalised features."""
         return self._put(_Job("bulk" if bulk else "interactive", pixels=pixels), announced=announced)
 
+    def submit_crops(self, crops: Crops, *, announced: bool = False) -> Future[FloatArray]:
+        """Queue uint8 crops (the preprocessor's `eval_crops`) on the interactive lane; the worker
+        normalises them. Resolves like `submit`."""
+        if self._preprocessor is None:
+            raise ValueError("this queue has no preprocessor: submit normalised pixels")
+        return self._put(_Job("interactive", crops=crops), announced=announced)
+
     def submit_texts(self, texts: Sequence[str]) -> Future[FloatArray]:
         """Queue prompts for the text tower (the text lane); resolves to L2-normalised features."""
         return self._put(_Job("text", texts=list(texts)), announced=False)
@@ -114,7 +135,7 @@ class EncoderQueue:
             if announced:
                 self._announced = max(0, self._announced - 1)
             if self._stopping:
-                raise _shutting_down()
+                raise shutting_down()
             self._lanes[job.lane].append(job)
             metrics.LANE_JOBS.labels(job.lane).inc()
             self._set_gauges()
@@ -170,8 +191,9 @@ class EncoderQueue:
                 if lane == "text":
                     features = self._encoder.encode_texts(batch[0].texts)
                 else:
-                    parts = [j.pixels for j in batch if j.pixels is not None]
-                    features = self._encoder.encode_pixels(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                    pixels = self._batch_pixels(batch)
+                    started = time.monotonic()  # the encoder call alone (normalising is not the encoder's)
+                    features = self._encoder.encode_pixels(pixels)
             except Exception as exc:  # the encoder failing must fail the jobs, not kill the worker
                 log.exception("encoder call failed for a %s batch of %d", lane, sum(j.size for j in batch))
                 for job in batch:
@@ -190,3 +212,27 @@ class EncoderQueue:
             for job in batch:
                 job.future.set_result(features[row : row + job.size])
                 row += job.size
+
+    def _batch_pixels(self, batch: Sequence[_Job]) -> Pixels:
+        """The batch's pixels in one array: a lone pixels job as it is, else rows of the reused buffer."""
+        if len(batch) == 1 and batch[0].pixels is not None:
+            return batch[0].pixels
+        total = sum(job.size for job in batch)
+        shape = next(j.pixels.shape[1:] if j.pixels is not None else None for j in batch)
+        if shape is None:
+            assert self._preprocessor is not None  # submit_crops checked it
+            size = self._preprocessor.size
+            shape = (3, size, size)
+        if self._buffer is None or self._buffer.shape[0] < total or self._buffer.shape[1:] != shape:
+            self._buffer = np.empty((max(total, self._max_batch), *shape), dtype=np.float32)
+        out = self._buffer[:total]
+        row = 0
+        for job in batch:
+            rows = out[row : row + job.size]
+            if job.crops is not None:
+                assert self._preprocessor is not None
+                self._preprocessor.normalise(job.crops, out=rows)
+            elif job.pixels is not None:
+                rows[...] = job.pixels
+            row += job.size
+        return out

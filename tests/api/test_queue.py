@@ -70,3 +70,103 @@ def test_withdrawing_an_announced_job_releases_the_batch(queue_and_encoder: Any)
     assert encoder.batches == [1]
     assert queue.submit(pixels(5.0)).result(timeout=10)[0, 0] == 5.0  # and the count went back to zero
     assert encoder.batches == [1, 1]
+
+
+# ---- uint8 crops, normalised by the worker into its reused batch buffer -----------------------------
+MEAN = (0.48, 0.46, 0.41)
+STD = (0.27, 0.26, 0.28)
+
+
+class PixelsEncoder(RecordingEncoder):
+    """Also keeps a copy of every batch of pixels it was given (the queue reuses its buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+
+    def encode_pixels(self, pixels: Any) -> Any:
+        self.seen.append(np.array(pixels, copy=True))
+        return super().encode_pixels(pixels)
+
+
+def preprocessor(size: int = 2) -> Any:
+    from app.encoder.load import PreprocessConfig
+    from app.encoder.preprocess import Preprocessor
+
+    return Preprocessor(
+        PreprocessConfig(size=size, mean=MEAN, std=STD, interpolation="bicubic", resize_mode="shortest")
+    )
+
+
+def crops(seed: int, n: int = 1, size: int = 2) -> Any:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def by_hand(batch: Any) -> Any:
+    """torchvision's ToTensor + Normalize, written out: (x / 255 - mean) / std, channels first."""
+    mean = np.asarray(MEAN, dtype=np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(STD, dtype=np.float64).reshape(1, 3, 1, 1)
+    return (batch.transpose(0, 3, 1, 2) / 255.0 - mean) / std
+
+
+@pytest.fixture
+def crops_queue() -> Any:
+    encoder = PixelsEncoder()
+    queue = EncoderQueue(encoder, max_batch=4, max_wait_ms=MINUTE_MS, preprocessor=preprocessor())  # type: ignore[arg-type]
+    queue.start()
+    yield queue, encoder
+    queue.stop()
+
+
+def test_crops_are_normalised_by_the_worker(crops_queue: Any) -> None:
+    queue, encoder = crops_queue
+    a = crops(1)
+    features = queue.submit_crops(a).result(timeout=10)
+    np.testing.assert_allclose(encoder.seen[0], by_hand(a), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(features[:, 0], encoder.seen[0][:, 0, 0, 0])
+
+
+def test_a_batch_of_crops_and_pixels_gives_each_job_its_own_rows(crops_queue: Any) -> None:
+    queue, encoder = crops_queue
+    a, b = crops(2, n=2), crops(3)
+    queue.announce()
+    queue.announce()
+    first = queue.submit_crops(a)
+    second = queue.submit(pixels(7.0), announced=True)
+    third = queue.submit_crops(b, announced=True)
+    got = [f.result(timeout=10) for f in (first, second, third)]
+    assert encoder.batches == [4]
+    want = np.concatenate([by_hand(a), pixels(7.0), by_hand(b)])
+    np.testing.assert_allclose(encoder.seen[0], want, rtol=1e-6, atol=1e-6)
+    assert [g.shape[0] for g in got] == [2, 1, 1]
+    np.testing.assert_allclose(got[0][:, 0], want[:2, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(got[1], np.full((1, DIM), 7.0, dtype=np.float32))
+    # The buffer is reused: a later, smaller batch sees only its own pixels.
+    c = crops(4)
+    queue.submit_crops(c).result(timeout=10)
+    np.testing.assert_allclose(encoder.seen[1], by_hand(c), rtol=1e-6, atol=1e-6)
+
+
+def test_a_job_bigger_than_the_buffer_is_encoded_whole(crops_queue: Any) -> None:
+    queue, encoder = crops_queue
+    big = crops(5, n=6)  # max_batch is 4
+    assert queue.submit_crops(big).result(timeout=10).shape == (6, DIM)
+    np.testing.assert_allclose(encoder.seen[0], by_hand(big), rtol=1e-6, atol=1e-6)
+
+
+def test_a_queue_without_a_preprocessor_refuses_crops(queue_and_encoder: Any) -> None:
+    queue, _ = queue_and_encoder
+    with pytest.raises(ValueError, match="no preprocessor"):
+        queue.submit_crops(crops(6))
+
+
+def test_eval_pixels_is_normalised_eval_crops() -> None:
+    from PIL import Image
+
+    image = Image.fromarray(crops(7, size=9)[0])
+    prep = preprocessor(size=4)
+    cropped = prep.eval_crops([image])
+    assert cropped.dtype == np.uint8
+    assert cropped.shape == (1, 4, 4, 3)
+    np.testing.assert_array_equal(cropped[0], np.asarray(prep.eval_crop(image)))
+    np.testing.assert_allclose(prep.eval_pixels([image]), by_hand(cropped), rtol=1e-6, atol=1e-6)

@@ -234,3 +234,29 @@ def test_readers_list_and_classify_while_builds_run(loop: Loop, service: TaskSer
     assert [t.task_id for t in loop.run(service.list(TENANT)).tasks] == [stable.task_id]
     assert service.registry._writers == {}
     assert (service.admission.pending_builds, service.admission.pending_images) == (0, 0)
+
+
+def test_a_classify_dropped_by_the_pool_at_shutdown_fails_instead_of_hanging(loop: Loop, service: TaskService) -> None:
+    """The classify stages hand over to each other off the event loop; a stage the pool drops unrun
+    (shutdown with cancel_futures) must still end the request, with shutting_down."""
+    import asyncio
+    import time
+
+    task = created(loop, service, create_request(("airplane", "automobile"), 2))
+    release = threading.Event()
+    blockers = [service._classify_pool.submit(release.wait) for _ in range(service.settings.workers)]
+    probes = cifar_images("test", ("airplane",), 1)
+    pending = asyncio.run_coroutine_threadsafe(
+        service.classify(TENANT, task.task_id, ClassifyRequest(uploads(probes))), loop.loop
+    )
+    deadline = time.monotonic() + 30
+    while service._classify_pool._work_queue.qsize() == 0:  # its first stage waits behind the blockers
+        assert time.monotonic() < deadline, "the classify never reached the pool"
+        time.sleep(0.01)
+    service._classify_pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    with pytest.raises(AppError) as raised:
+        pending.result(timeout=30)
+    assert raised.value.code == ErrorCode.SHUTTING_DOWN
+    assert all(b.result(timeout=10) for b in blockers)  # the blockers ran to their end
+    assert service.queue._announced == 0  # the encoder queue does not wait for the dropped request
