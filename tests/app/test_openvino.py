@@ -65,6 +65,11 @@ def test_int8_keeps_attention_output_projections_in_floating_point(tmp_path: Pat
     found = export.ensure_export(loaded, "openvino-int8", tmp_path)
     assert found.image.precision == "int8"
     assert "converted from torch" in str(found.image.note)
+    # Its text tower keeps int8 weights (for memory), checked at the int8 bound.
+    assert found.text.precision == "int8"
+    assert str(found.text.note).endswith("int8 weights (NNCF)")
+    assert found.text.check["min_cosine"] >= 0.999
+    assert sorted(p.name for p in found.folder.iterdir() if p.name.startswith("text")) == ["text.bin", "text.xml"]
     assert "2 attention output projections" in str(found.image.note)
     quantized = openvino.Core().read_model(str(found.image.path))
     matmul_inputs = [
