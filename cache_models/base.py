@@ -214,9 +214,9 @@ class CacheMethod(ABC):
         grid = {k: [float(v) for v in values] for k, values in self._default_grid(support).items()}
         return grid, [list(stage) for stage in self._stages()]
 
-    def few_shot_rule(self, temperature: float) -> dict[str, float] | None:
-        """Hyper-parameters for one or two shots per class from the shots' zero-shot temperature
-        (cache_models.few_shot); None: leave-one-out's pick stands."""
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float] | None:
+        """Hyper-parameters for one or two shots per class from the shots' zero-shot temperature (and,
+        where a rule needs it, the shots' geometry; cache_models.few_shot); None: leave-one-out's pick stands."""
         return None
 
     def _single_shot_fallback(self, support: Support) -> TuneReport | None:

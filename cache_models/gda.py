@@ -164,7 +164,7 @@ class GDA(CacheMethod):
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha",)]
 
-    def few_shot_rule(self, temperature: float) -> dict[str, float]:
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float]:
         return {"alpha": FEW_SHOT_ALPHA_PER_TEMPERATURE * temperature}
 
     def _loo_scorer(self, support: Support, rows: IntArray) -> LooScorer:

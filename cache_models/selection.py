@@ -33,9 +33,10 @@ from .tuning import fit_temperature
 
 ZERO_SHOT = "zero-shot"
 MAX_FOLDS = 4  # shot folds of the cross-method comparison (module docstring)
-# One shot per class: nothing can be held out. On TRAIN-split simulations (6 draws per data set)
-# ProKeR's few-shot rule was best on cifar10-mini (51.5% vs APE 49.0%) and 1.6 points behind the
-# best (APE) on textile-defects: the smallest worst-case loss of every method (docs/benchmarks.md).
+# One shot per class: nothing can be held out. On TRAIN-split simulations (10 draws per data set, the
+# few-shot rules of round 2's third session) ProKeR's rule was best on cifar10-mini (54.3% vs APE 51.3%,
+# Tip-Adapter 50.9%) and 1.9 points behind the best (APE, 65.8%) on textile-defects: the smallest
+# worst-case loss of every method (APE 3.0, Tip-Adapter / Tip-X 3.4; docs/benchmarks.md).
 ONE_SHOT_CHOICE = "proker"
 MAX_COMPARED_CLASSES = 64  # classes the comparison refits on at most (module docstring)
 _SEED = 0  # the class subset is deterministic: the same task always compares on the same classes
