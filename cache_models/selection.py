@@ -13,7 +13,9 @@ temperature per method) — the same footing for every method.
 Folds: each class's shots are dealt round-robin into min(shots, MAX_FOLDS) folds, so every fold
 holds out about 1/folds of every class's shots and every class keeps at least one shot. A class with a
 single shot keeps it in every refit and is not scored; when no class has two shots nothing can be
-held out and ONE_SHOT_CHOICE, chosen on train-split simulations, is taken.
+held out and ONE_SHOT_CHOICE, chosen on train-split simulations, is taken. A known limit: with two
+shots per class every refit has one shot per class, where GDA's covariance is empty and it scores as
+zero-shot, so GDA is never picked at two shots (docs/benchmarks.md).
 
 Cost: MAX_FOLDS refits of each method at its chosen values (no grid) and one prediction of every
 shot. Above MAX_COMPARED_CLASSES classes the comparison runs on a fixed-seed subset of that many
