@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import FloatArray, IntArray, Support
+from ._validation import BoolArray, FloatArray, IntArray, Support, make_support
 from .base import DEFAULT_SCALE, CacheMethod, HyperValue
 from .tuning import LooScorer, TermKey, log_grid
 
@@ -72,6 +72,34 @@ def discriminant(support: Support, means: F64) -> tuple[F64, F64]:
         scatter[np.diag_indices(d)] += trace
         weights = d * np.linalg.solve(scatter, means.T).T.astype(np.float64, copy=False)  # (P mu_c)^T: P is symmetric
     del scatter
+    bias = np.log(1.0 / n_classes) - 0.5 * np.sum(weights * means, axis=1)
+    return weights, bias
+
+
+def residuals_from_means(support: Support) -> F64:
+    """x - mu_y for every row [M, d] (float64), the means over the whole support."""
+    means, _ = class_means(support)
+    return support.keys.astype(np.float64) - means[support.labels]
+
+
+def covariance_without(residuals: F64, gram: F64, labels: IntArray, excluded: int, means: F64) -> tuple[F64, F64]:
+    """G [N, d] and b [N] of `discriminant` for `means`, with the scatter and its shrinkage taken over
+    the residuals of every class except `excluded` (`gram` = residuals @ residuals.T).
+
+    The scatter is R^T R with R the kept residuals [m, d], so (R^T R + t I)^-1 mu = (mu - R^T (t I +
+    R R^T)^-1 R mu) / t (Woodbury): an m x m solve, cheap where it is used (two shots per class on at
+    most selection.MAX_COMPARED_CLASSES classes, m << d)."""
+    kept = np.flatnonzero(labels != excluded)
+    m, d = kept.size, residuals.shape[1]
+    n_classes = means.shape[0]
+    shrinkage = float(np.sum(np.diag(gram)[kept])) / (m - 1) if m >= 2 else 0.0
+    if shrinkage <= 0.0:  # no spread: P = 0, as in `discriminant`
+        weights = np.zeros_like(means)
+    else:
+        inner = gram[np.ix_(kept, kept)]
+        inner[np.diag_indices(m)] += shrinkage
+        solved = np.linalg.solve(inner, residuals[kept] @ means.T)  # (t I + R R^T)^-1 R mu^T [m, N]
+        weights = d * (means - (residuals[kept].T @ solved).T) / shrinkage
     bias = np.log(1.0 / n_classes) - 0.5 * np.sum(weights * means, axis=1)
     return weights, bias
 
@@ -163,6 +191,31 @@ class GDA(CacheMethod):
 
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha",)]
+
+    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray) -> FloatArray:
+        """One fold of `auto`'s comparison. When a scored class keeps a single shot in the fold (two
+        shots per class: every fold), the fold alone has no within-class spread for that class and
+        a plain refit's covariance is empty for all of them (GDA would score as zero-shot while the
+        task it stands for has a covariance). Then the means still come from the fold's shots only
+        (so every method meets each class through the same shots), and each scored class's
+        covariance from the whole support's residuals WITHOUT that class (`covariance_without`): the
+        scored shot and its class never enter what scores it."""
+        train_support = make_support(support.keys[train], support.labels[train], support.text, support.groups[train])
+        scored = np.unique(support.labels[test])
+        if int(train_support.shots_per_class()[scored].min()) >= 2:
+            return super().held_out_fold(support, train, test)
+        means, _ = class_means(train_support)
+        queries = support.keys[test]
+        labels = support.labels[test]
+        term = np.empty((queries.shape[0], support.n_classes), dtype=np.float64)
+        residuals = residuals_from_means(support)
+        gram = residuals @ residuals.T
+        for label in scored:
+            rows = labels == label
+            weights, bias = covariance_without(residuals, gram, support.labels, int(label), means)
+            term[rows] = queries[rows].astype(np.float64) @ weights.T + bias
+        zero_shot = self.scale * (queries @ support.text.T)
+        return (zero_shot + float(self._hp["alpha"]) * term).astype(np.float32)
 
     def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float]:
         return {"alpha": FEW_SHOT_ALPHA_PER_TEMPERATURE * temperature}

@@ -13,9 +13,11 @@ temperature per method) — the same footing for every method.
 Folds: each class's shots are dealt round-robin into min(shots, MAX_FOLDS) folds, so every fold
 holds out about 1/folds of every class's shots and every class keeps at least one shot. A class with a
 single shot keeps it in every refit and is not scored; when no class has two shots nothing can be
-held out and ONE_SHOT_CHOICE, chosen on train-split simulations, is taken. A known limit: with two
-shots per class every refit has one shot per class, where GDA's covariance is empty and it scores as
-zero-shot, so GDA is never picked at two shots (docs/benchmarks.md).
+held out and ONE_SHOT_CHOICE, chosen on train-split simulations, is taken. With two shots per class
+every refit has one shot per class, where a plain GDA refit has no covariance and would score as
+zero-shot: each method scores a fold through `CacheMethod.held_out_fold`, and GDA's keeps the
+fold's one-shot means but takes the covariance from the residuals of every class except the scored
+one (the scored shot never enters what scores it; cache_models.gda, docs/benchmarks.md).
 
 Cost: MAX_FOLDS refits of each method at its chosen values (no grid) and one prediction of every
 shot. Above MAX_COMPARED_CLASSES classes the comparison runs on a fixed-seed subset of that many
@@ -92,9 +94,7 @@ def held_out_logits(method: CacheMethod, n_folds: int, classes: IntArray | None 
     logits = np.empty((support.n_rows, support.n_classes), dtype=np.float32)
     for fold in range(n_folds):
         train, test = folds != fold, folds == fold
-        refit = type(method)(**method.hyperparams)
-        refit.fit_support(make_support(support.keys[train], support.labels[train], support.text, support.groups[train]))
-        logits[test] = refit.predict(support.keys[test])
+        logits[test] = method.held_out_fold(support, train, test)
     held = folds >= 0
     shots, index, counts = np.unique(support.groups[held], return_inverse=True, return_counts=True)
     per_shot = np.zeros((shots.size, support.n_classes), dtype=np.float64)
