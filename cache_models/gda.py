@@ -76,32 +76,40 @@ def discriminant(support: Support, means: F64) -> tuple[F64, F64]:
     return weights, bias
 
 
-def residuals_from_means(support: Support) -> F64:
-    """x - mu_y for every row [M, d] (float64), the means over the whole support."""
-    means, _ = class_means(support)
-    return support.keys.astype(np.float64) - means[support.labels]
+class CovarianceWithout:
+    """GDA's discriminant for given class means with the covariance of the whole support's residuals
+    WITHOUT one class's, for any class: `weights(c)`.
 
+    As in the leave-one-out scorer, only the shrinkage scalar trace(Sigma) keeps its full-support
+    value; the scatter without class c is S - R_c^T R_c (R_c: c's residuals, a few rows), so with
+    B = (S + trace(Sigma) I)^-1 formed once, (S - R_c^T R_c + trace I)^-1 = B + B R_c^T (I - R_c B
+    R_c^T)^-1 R_c B (Woodbury): one [d, d] inverse per fold, then per class a tiny solve."""
 
-def covariance_without(residuals: F64, gram: F64, labels: IntArray, excluded: int, means: F64) -> tuple[F64, F64]:
-    """G [N, d] and b [N] of `discriminant` for `means`, with the scatter and its shrinkage taken over
-    the residuals of every class except `excluded` (`gram` = residuals @ residuals.T).
+    def __init__(self, support: Support, means: F64) -> None:
+        full_means, _ = class_means(support)
+        scatter, shrinkage = scatter_and_shrinkage(support, full_means)
+        self._labels = support.labels
+        self._residuals = support.keys.astype(np.float64) - full_means[support.labels]
+        self._means = means
+        self._dim = support.dim
+        self._spread = shrinkage > 0.0
+        if self._spread:
+            scatter[np.diag_indices(support.dim)] += shrinkage
+            self._inverse = np.linalg.inv(scatter)
+            self._inverse_means = self._inverse @ means.T  # B mu^T [d, N]
 
-    The scatter is R^T R with R the kept residuals [m, d], so (R^T R + t I)^-1 mu = (mu - R^T (t I +
-    R R^T)^-1 R mu) / t (Woodbury): an m x m solve, cheap where it is used (two shots per class on at
-    most selection.MAX_COMPARED_CLASSES classes, m << d)."""
-    kept = np.flatnonzero(labels != excluded)
-    m, d = kept.size, residuals.shape[1]
-    n_classes = means.shape[0]
-    shrinkage = float(np.sum(np.diag(gram)[kept])) / (m - 1) if m >= 2 else 0.0
-    if shrinkage <= 0.0:  # no spread: P = 0, as in `discriminant`
-        weights = np.zeros_like(means)
-    else:
-        inner = gram[np.ix_(kept, kept)]
-        inner[np.diag_indices(m)] += shrinkage
-        solved = np.linalg.solve(inner, residuals[kept] @ means.T)  # (t I + R R^T)^-1 R mu^T [m, N]
-        weights = d * (means - (residuals[kept].T @ solved).T) / shrinkage
-    bias = np.log(1.0 / n_classes) - 0.5 * np.sum(weights * means, axis=1)
-    return weights, bias
+    def weights(self, excluded: int) -> tuple[F64, F64]:
+        """G [N, d] and b [N], the covariance without class `excluded`'s residuals."""
+        if not self._spread:  # no spread: P = 0, as in `discriminant`
+            weights = np.zeros_like(self._means)
+        else:
+            own = self._residuals[self._labels == excluded]  # R_c [n_c, d]
+            inverse_own = self._inverse @ own.T  # B R_c^T [d, n_c]
+            capacitance = np.eye(own.shape[0]) - own @ inverse_own
+            correction = inverse_own @ np.linalg.solve(capacitance, own @ self._inverse_means)
+            weights = self._dim * (self._inverse_means + correction).T
+        bias = np.log(1.0 / self._means.shape[0]) - 0.5 * np.sum(weights * self._means, axis=1)
+        return weights, bias
 
 
 class _GdaScorer(LooScorer):
@@ -198,8 +206,8 @@ class GDA(CacheMethod):
         a plain refit's covariance is empty for all of them (GDA would score as zero-shot while the
         task it stands for has a covariance). Then the means still come from the fold's shots only
         (so every method meets each class through the same shots), and each scored class's
-        covariance from the whole support's residuals WITHOUT that class (`covariance_without`): the
-        scored shot and its class never enter what scores it."""
+        covariance from the whole support's residuals WITHOUT that class (`CovarianceWithout`; only the
+        shrinkage scalar keeps its full-support value, as in leave-one-out)."""
         train_support = make_support(support.keys[train], support.labels[train], support.text, support.groups[train])
         scored = np.unique(support.labels[test])
         if int(train_support.shots_per_class()[scored].min()) >= 2:
@@ -208,11 +216,10 @@ class GDA(CacheMethod):
         queries = support.keys[test]
         labels = support.labels[test]
         term = np.empty((queries.shape[0], support.n_classes), dtype=np.float64)
-        residuals = residuals_from_means(support)
-        gram = residuals @ residuals.T
+        covariance = CovarianceWithout(support, means)
         for label in scored:
             rows = labels == label
-            weights, bias = covariance_without(residuals, gram, support.labels, int(label), means)
+            weights, bias = covariance.weights(int(label))
             term[rows] = queries[rows].astype(np.float64) @ weights.T + bias
         zero_shot = self.scale * (queries @ support.text.T)
         return (zero_shot + float(self._hp["alpha"]) * term).astype(np.float32)

@@ -153,16 +153,17 @@ def test_a_single_shot_class_stays_in_every_refit_and_is_not_scored() -> None:
 
 
 def _gda_fold_reference(support: Support, train: npt.NDArray[np.bool_], test_row: int, alpha: float) -> F64:
-    """Dense methods.md GDA for one scored row: the means of the fold's train rows, the covariance of
-    the whole support's residuals without the scored row's class (its shot never enters)."""
+    """Dense methods.md GDA for one scored row: the means of the fold's train rows, the scatter of the
+    whole support's residuals without the scored row's class (its shot never enters it; only the
+    shrinkage scalar is the full support's)."""
     keys, labels = support.keys.astype(np.float64), support.labels
     n, d = support.n_classes, support.dim
     means = np.stack([keys[train & (labels == c)].mean(axis=0) for c in range(n)])
     full_means = np.stack([keys[labels == c].mean(axis=0) for c in range(n)])
-    kept = labels != labels[test_row]
-    residuals = keys[kept] - full_means[labels[kept]]
-    sigma = residuals.T @ residuals / (kept.sum() - 1)
-    precision = d * np.linalg.inv((kept.sum() - 1) * sigma + np.trace(sigma) * np.eye(d))
+    residuals = keys - full_means[labels]
+    shrinkage = np.sum(residuals**2) / (labels.size - 1)  # trace(Sigma): the full support's, as in LOO
+    kept = residuals[labels != labels[test_row]]
+    precision = d * np.linalg.inv(kept.T @ kept + shrinkage * np.eye(d))
     weights = means @ precision
     bias = np.log(1.0 / n) - 0.5 * np.sum(weights * means, axis=1)
     x = keys[test_row]
