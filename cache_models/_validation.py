@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 # Rows must be unit length; float32 encoders land within ~1e-6, so 1e-3 only catches real mistakes
 # (an un-normalised feature, a row of zeros) without rejecting honest rounding.

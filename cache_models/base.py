@@ -9,7 +9,7 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from ._validation import FloatArray, IntArray, as_features
+from ._validation import BoolArray, FloatArray, IntArray, as_features
 from ._validation import Support as Support  # re-exported: callers share one support among methods
 from ._validation import make_support as make_support
 from .few_shot import few_shot_choice
@@ -214,10 +214,18 @@ class CacheMethod(ABC):
         grid = {k: [float(v) for v in values] for k, values in self._default_grid(support).items()}
         return grid, [list(stage) for stage in self._stages()]
 
-    def few_shot_rule(self, temperature: float) -> dict[str, float] | None:
-        """Hyper-parameters for one or two shots per class from the shots' zero-shot temperature
-        (cache_models.few_shot); None: leave-one-out's pick stands."""
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float] | None:
+        """Hyper-parameters for one or two shots per class from the shots' zero-shot temperature (and,
+        where a rule needs it, the shots' geometry; cache_models.few_shot); None: leave-one-out's pick stands."""
         return None
+
+    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray) -> FloatArray:
+        """Logits of `support`'s `test` rows by this method refitted, its hyper-parameters kept, on the
+        `train` rows alone: one fold of `auto`'s shared-fold comparison (cache_models.selection). A
+        method whose fit needs more than the fold leaves it overrides this (GDA)."""
+        refit = type(self)(**self.hyperparams)
+        refit.fit_support(make_support(support.keys[train], support.labels[train], support.text, support.groups[train]))
+        return refit.predict(support.keys[test])
 
     def _single_shot_fallback(self, support: Support) -> TuneReport | None:
         """Hyper-parameters when leave-one-out cannot score anything; None keeps the current values."""

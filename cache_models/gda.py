@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import FloatArray, IntArray, Support
+from ._validation import BoolArray, FloatArray, IntArray, Support, make_support
 from .base import DEFAULT_SCALE, CacheMethod, HyperValue
 from .tuning import LooScorer, TermKey, log_grid
 
@@ -74,6 +74,42 @@ def discriminant(support: Support, means: F64) -> tuple[F64, F64]:
     del scatter
     bias = np.log(1.0 / n_classes) - 0.5 * np.sum(weights * means, axis=1)
     return weights, bias
+
+
+class CovarianceWithout:
+    """GDA's discriminant for given class means with the covariance of the whole support's residuals
+    WITHOUT one class's, for any class: `weights(c)`.
+
+    As in the leave-one-out scorer, only the shrinkage scalar trace(Sigma) keeps its full-support
+    value; the scatter without class c is S - R_c^T R_c (R_c: c's residuals, a few rows), so with
+    B = (S + trace(Sigma) I)^-1 formed once, (S - R_c^T R_c + trace I)^-1 = B + B R_c^T (I - R_c B
+    R_c^T)^-1 R_c B (Woodbury): one [d, d] inverse per fold, then per class a tiny solve."""
+
+    def __init__(self, support: Support, means: F64) -> None:
+        full_means, _ = class_means(support)
+        scatter, shrinkage = scatter_and_shrinkage(support, full_means)
+        self._labels = support.labels
+        self._residuals = support.keys.astype(np.float64) - full_means[support.labels]
+        self._means = means
+        self._dim = support.dim
+        self._spread = shrinkage > 0.0
+        if self._spread:
+            scatter[np.diag_indices(support.dim)] += shrinkage
+            self._inverse = np.linalg.inv(scatter)
+            self._inverse_means = self._inverse @ means.T  # B mu^T [d, N]
+
+    def weights(self, excluded: int) -> tuple[F64, F64]:
+        """G [N, d] and b [N], the covariance without class `excluded`'s residuals."""
+        if not self._spread:  # no spread: P = 0, as in `discriminant`
+            weights = np.zeros_like(self._means)
+        else:
+            own = self._residuals[self._labels == excluded]  # R_c [n_c, d]
+            inverse_own = self._inverse @ own.T  # B R_c^T [d, n_c]
+            capacitance = np.eye(own.shape[0]) - own @ inverse_own
+            correction = inverse_own @ np.linalg.solve(capacitance, own @ self._inverse_means)
+            weights = self._dim * (self._inverse_means + correction).T
+        bias = np.log(1.0 / self._means.shape[0]) - 0.5 * np.sum(weights * self._means, axis=1)
+        return weights, bias
 
 
 class _GdaScorer(LooScorer):
@@ -164,7 +200,31 @@ class GDA(CacheMethod):
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha",)]
 
-    def few_shot_rule(self, temperature: float) -> dict[str, float]:
+    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray) -> FloatArray:
+        """One fold of `auto`'s comparison. When a scored class keeps a single shot in the fold (two
+        shots per class: every fold), the fold alone has no within-class spread for that class and
+        a plain refit's covariance is empty for all of them (GDA would score as zero-shot while the
+        task it stands for has a covariance). Then the means still come from the fold's shots only
+        (so every method meets each class through the same shots), and each scored class's
+        covariance from the whole support's residuals WITHOUT that class (`CovarianceWithout`; only the
+        shrinkage scalar keeps its full-support value, as in leave-one-out)."""
+        train_support = make_support(support.keys[train], support.labels[train], support.text, support.groups[train])
+        scored = np.unique(support.labels[test])
+        if int(train_support.shots_per_class()[scored].min()) >= 2:
+            return super().held_out_fold(support, train, test)
+        means, _ = class_means(train_support)
+        queries = support.keys[test]
+        labels = support.labels[test]
+        term = np.empty((queries.shape[0], support.n_classes), dtype=np.float64)
+        covariance = CovarianceWithout(support, means)
+        for label in scored:
+            rows = labels == label
+            weights, bias = covariance.weights(int(label))
+            term[rows] = queries[rows].astype(np.float64) @ weights.T + bias
+        zero_shot = self.scale * (queries @ support.text.T)
+        return (zero_shot + float(self._hp["alpha"]) * term).astype(np.float32)
+
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float]:
         return {"alpha": FEW_SHOT_ALPHA_PER_TEMPERATURE * temperature}
 
     def _loo_scorer(self, support: Support, rows: IntArray) -> LooScorer:

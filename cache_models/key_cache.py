@@ -48,7 +48,9 @@ class KeyCacheMethod(CacheMethod):
     def _single_shot_fallback(self, support: Support) -> TuneReport:
         zero_shot = (self.scale * (support.keys @ support.text.T)).astype(np.float32)
         temperature, _ = fit_temperature(zero_shot, support.labels)
-        params = {**self._float_params(), **self._single_shot_params(temperature)}
+        rule = self.few_shot_rule(support, temperature)
+        params = {**self._float_params(), **rule}
+        others = "".join(f", {k} = {v:g}" for k, v in rule.items() if k not in ("alpha", "beta"))
         return TuneReport(
             hyperparams=params,
             accuracy=None,
@@ -58,10 +60,11 @@ class KeyCacheMethod(CacheMethod):
             n_scored=0,
             fallback=f"one shot per class: leave-one-out cannot score the cache, so alpha = "
             f"{SINGLE_SHOT_ALPHA_PER_TEMPERATURE:g} x the zero-shot temperature fitted on the shots "
-            f"({temperature:.4g}) and beta = {SINGLE_SHOT_BETA:g} (the single-shot rule)",
+            f"({temperature:.4g}) and beta = {SINGLE_SHOT_BETA:g}{others} (the single-shot rule)",
         )
 
-    def _single_shot_params(self, temperature: float) -> dict[str, float]:
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float]:
+        """The key caches' single-shot rule, also their few-shot rule at two shots (cache_models.few_shot)."""
         return {"alpha": SINGLE_SHOT_ALPHA_PER_TEMPERATURE * temperature, "beta": SINGLE_SHOT_BETA}
 
     def _sum_by_class(self, values: FloatArray, ids: IntArray | None) -> FloatArray:

@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from ._validation import FloatArray, IntArray, Support, make_support
 from .base import DEFAULT_SCALE, CacheMethod, HyperValue
-from .few_shot import single_shot_report
+from .few_shot import single_shot_report, typical_distance
 from .tuning import LooScorer, TermKey, TuneReport, log_grid
 
 F64 = npt.NDArray[np.float64]
@@ -54,12 +54,22 @@ LAM_GRID = log_grid(1e-3, 1e2, 3)
 TUNE_MAX_KEYS = 1024  # leave-one-out rows beyond this: a class subset (module docstring)
 EXACT_MAX_KEYS = 2048  # exact ridge solve up to this many keys, Nystrom above
 NYSTROM_LANDMARKS = 2048
-# The few-shot rule (cache_models.few_shot): lam = this x the shots' zero-shot temperature / scale, and
-# beta = FEW_SHOT_BETA. Chosen on simulated 1- and 2-shot tasks from the TRAIN splits of both shared
-# data sets (docs/benchmarks.md). The paper's defaults stay at zero-shot where the text prior is weak
-# (textile-defects with the stand-in: 33.5% at 1 shot, chance).
+# The few-shot rule (cache_models.few_shot), chosen on simulated 1- and 2-shot tasks from the TRAIN splits
+# of both shared data sets (10 draws each, docs/benchmarks.md); the paper's defaults stay at zero-shot where
+# the text prior is weak (textile-defects with the stand-in: 33.5% at 1 shot, chance).
+# - lam = FEW_SHOT_LAM_PER_TEMPERATURE x the shots' zero-shot temperature / scale (the cache weighs more the
+#   less the text knows), at most FEW_SHOT_MAX_LAM. K has a unit diagonal, so its mean eigenvalue is 1: far
+#   above it A -> R, the cache's weight no longer grows and only the ridge's decorrelation is lost (on
+#   textile-defects, temperature ~3e4, the uncapped rule gave lam ~ 2e4: 61.7% at 2 shots, capped 65.2%).
+# - beta = FEW_SHOT_BETA_PER_DISTANCE / the shots' median cosine distance (the median heuristic of kernel
+#   bandwidths): ~1 on cifar10-mini's photos (distance ~0.5), ~15 on textile-defects' fabric (~0.03).
+#   A fixed beta had to trade one data set against the other (beta = 1 fell to 43% on textile at 1 shot).
+#   Without a pair of distinct shots, FEW_SHOT_BETA.
 FEW_SHOT_LAM_PER_TEMPERATURE = 30.0
+FEW_SHOT_MAX_LAM = 3.0
+FEW_SHOT_BETA_PER_DISTANCE = 0.5
 FEW_SHOT_BETA = 5.0
+MIN_DISTANCE = 1e-3  # near-duplicate shots: beta stays at most FEW_SHOT_BETA_PER_DISTANCE / 1e-3 = 500
 _SEED = 0
 _BLOCK = 2048  # key rows per kernel block of the Nystrom fit
 
@@ -226,8 +236,11 @@ class ProKeR(CacheMethod):
         self._support = support
         return self.hyperparams
 
-    def few_shot_rule(self, temperature: float) -> dict[str, float]:
-        return {"beta": FEW_SHOT_BETA, "lam": FEW_SHOT_LAM_PER_TEMPERATURE * temperature / self.scale}
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float]:
+        distance = typical_distance(support)
+        beta = FEW_SHOT_BETA if distance is None else FEW_SHOT_BETA_PER_DISTANCE / max(distance, MIN_DISTANCE)
+        lam = min(FEW_SHOT_LAM_PER_TEMPERATURE * temperature / self.scale, FEW_SHOT_MAX_LAM)
+        return {"beta": beta, "lam": lam}
 
     def _single_shot_fallback(self, support: Support) -> TuneReport | None:
         return single_shot_report(self, support)

@@ -78,8 +78,5 @@ class TipAdapter(IncrementalCacheMethod):
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha", "beta")]
 
-    def few_shot_rule(self, temperature: float) -> dict[str, float]:
-        return self._single_shot_params(temperature)  # the key caches' single-shot rule (key_cache.py)
-
     def _loo_scorer(self, support: Support, rows: IntArray) -> LooScorer:
         return TipAdapterScorer(support, rows, self.scale)

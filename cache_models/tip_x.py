@@ -259,12 +259,9 @@ class TipX(IncrementalCacheMethod):
     _frozen: _Frozen
     _pending: _Frozen | None = None  # derived by _loo_scorer, reused by the fit that ends tune()
 
-    def _single_shot_params(self, temperature: float) -> dict[str, float]:
+    def few_shot_rule(self, support: Support, temperature: float) -> dict[str, float]:
         # Nothing measures the KL penalty's worth from one shot per class: leave it out.
-        return {**super()._single_shot_params(temperature), "gamma": 0.0}
-
-    def few_shot_rule(self, temperature: float) -> dict[str, float]:
-        return self._single_shot_params(temperature)
+        return {**super().few_shot_rule(support, temperature), "gamma": 0.0}
 
     def _derive(self, support: Support, psi: PsiRange | None = None) -> _Frozen:
         tau = float(self._hp["tau"])

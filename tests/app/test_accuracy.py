@@ -80,9 +80,9 @@ def test_more_shots_help_and_one_shot_beats_chance(textile: EncodedDataset, enco
     rows = _run(textile, encoder, (1, 2, 16))
     assert _mean_accuracy(rows, "zero-shot", 1) == pytest.approx(1 / 3, abs=0.05)
     for method in ("tip-adapter", "tip-x", "ape", "proker"):
-        assert _mean_accuracy(rows, method, 1) >= 0.52  # measured 0.622-0.648
+        assert _mean_accuracy(rows, method, 1) >= 0.52  # measured 0.646-0.654
     for method in CACHE_METHODS:  # GDA too: at 2 shots its rule, not leave-one-out's alpha ~ 0
-        assert _mean_accuracy(rows, method, 2) >= 0.55  # measured 0.643-0.670
+        assert _mean_accuracy(rows, method, 2) >= 0.55  # measured 0.667-0.681
     for method in CACHE_METHODS:
         assert _mean_accuracy(rows, method, 16) >= _mean_accuracy(rows, method, 2)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cache_models.ape as ape
 from cache_models import METHODS, fit_temperature, get_method
 from cache_models.key_cache import SINGLE_SHOT_ALPHA_PER_TEMPERATURE, SINGLE_SHOT_BETA
 
@@ -220,6 +221,10 @@ def test_tune_falls_back_when_every_class_has_one_shot(name: str) -> None:
         assert report.temperature == pytest.approx(temperature)
         if name == "tip-x":
             assert chosen["gamma"] == 0.0
+        if name == "ape":  # its rule also sets the key weighting and the channel count (ape.py)
+            assert chosen["gamma"] == ape.FEW_SHOT_GAMMA
+            assert chosen["n_channels"] == max(1, round(ape.FEW_SHOT_CHANNEL_FRACTION * t.keys.shape[1]))
+            assert f"n_channels = {chosen['n_channels']}" in report.fallback
     np.testing.assert_array_equal(
         method.predict(t.queries), get_method(name)(**chosen).fit(t.keys, t.labels, t.text, t.groups).predict(t.queries)
     )

@@ -106,13 +106,31 @@ def test_the_shared_support_path_is_capped_too(monkeypatch: pytest.MonkeyPatch) 
     assert method.n_keys == t.labels.size
 
 
+def _median_distance(keys: np.ndarray) -> float:
+    """Median 1 - cos over every pair of distinct keys (one key per shot), by a plain double loop."""
+    pairs = [
+        1.0 - float(np.dot(keys[i].astype(np.float64), keys[j].astype(np.float64)))
+        for i in range(len(keys))
+        for j in range(i + 1, len(keys))
+    ]
+    return float(np.median(pairs))
+
+
+def _rule_reference(t: Task) -> tuple[dict[str, float], float]:
+    """The few-shot rule written out: beta by the median heuristic, lam from the temperature, capped."""
+    temperature, _ = fit_temperature((100.0 * t.keys @ t.text.T).astype(np.float32), t.labels)
+    uncapped = proker.FEW_SHOT_LAM_PER_TEMPERATURE * temperature / 100.0
+    beta = proker.FEW_SHOT_BETA_PER_DISTANCE / _median_distance(t.keys)
+    return {"beta": beta, "lam": min(uncapped, proker.FEW_SHOT_MAX_LAM)}, uncapped
+
+
 def test_one_shot_per_class_uses_the_few_shot_rule() -> None:
     t = make_task(44, n_classes=4, shots=1, dim=8)
     method = get_method("proker")()
     chosen = method.tune(t.keys, t.labels, t.text)
-    temperature, _ = fit_temperature((100.0 * t.keys @ t.text.T).astype(np.float32), t.labels)
-    assert chosen["beta"] == proker.FEW_SHOT_BETA
-    assert chosen["lam"] == pytest.approx(proker.FEW_SHOT_LAM_PER_TEMPERATURE * temperature / 100.0)
+    expected, _ = _rule_reference(t)
+    assert chosen["beta"] == pytest.approx(expected["beta"], rel=1e-6)
+    assert chosen["lam"] == pytest.approx(expected["lam"], rel=1e-6)
     assert method.tune_report is not None
     assert method.tune_report.fallback is not None
     assert "few-shot rule" in method.tune_report.fallback
@@ -127,7 +145,10 @@ def test_two_shots_keep_the_rule_unless_leave_one_out_clearly_beats_it(name: str
     assert report is not None
     fresh = get_method(name)()
     temperature, _ = fit_temperature((100.0 * t.keys @ t.text.T).astype(np.float32), t.labels)
-    rule = {**fresh.hyperparams, **(fresh.few_shot_rule(temperature) or {})}
+    rule = {
+        **fresh.hyperparams,
+        **(fresh.few_shot_rule(make_support(t.keys, t.labels, t.text, None), temperature) or {}),
+    }
     rows, rule_logits = get_method(name)(**rule).loo_logits(t.keys, t.labels, t.text)
     _, rule_nll = fit_temperature(rule_logits, t.labels[rows], smoothing=0.01)
     assert report.nll is not None
@@ -137,3 +158,46 @@ def test_two_shots_keep_the_rule_unless_leave_one_out_clearly_beats_it(name: str
         assert "few-shot rule" in report.fallback
         assert method.hyperparams == pytest.approx(rule)
         assert report.nll == pytest.approx(rule_nll, abs=1e-5)
+
+
+def _ranked_task(misleading: bool) -> Task:
+    """Four orthogonal one-shot classes whose text leans slightly towards one shot each: its own (the text
+    ranks every shot right with small margins, so the zero-shot temperature is small), or, misleading, the
+    next class's (every shot ranked wrong: the fitted temperature flattens the text, a huge T)."""
+    e = np.eye(5, dtype=np.float32)
+    keys = unit(e[:4] + 0.05 * e[4])
+    leaning = np.roll(e[:4], 1, axis=0) if misleading else e[:4]
+    text = unit(np.tile(e[4], (4, 1)) + 0.1 * leaning)
+    return Task(keys, np.arange(4, dtype=np.int64), text, np.arange(4, dtype=np.int64), keys)
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_few_shot_lam_is_capped_exactly_when_the_rule_exceeds_the_cap(capped: bool) -> None:
+    t = _ranked_task(misleading=capped)
+    expected, uncapped = _rule_reference(t)
+    assert (uncapped > proker.FEW_SHOT_MAX_LAM) == capped  # the case exercises the branch it names
+    chosen = get_method("proker")().tune(t.keys, t.labels, t.text)
+    assert chosen["lam"] == pytest.approx(proker.FEW_SHOT_MAX_LAM if capped else uncapped, rel=1e-6)
+    assert chosen["beta"] == pytest.approx(expected["beta"], rel=1e-6)
+
+
+def test_few_shot_beta_follows_the_shots_geometry() -> None:
+    """The same shots pulled towards their centre (cosine distances about 10x smaller) get a kernel about
+    10x sharper: beta is the median heuristic's, on each support."""
+    t = make_task(47, n_classes=3, shots=2, dim=8)
+    centre = unit(t.keys.mean(axis=0))
+    near = unit(centre + 0.3 * (t.keys - centre))
+    wide, close = Task(t.keys, t.labels, t.text, t.groups, t.queries), Task(near, t.labels, t.text, t.groups, t.queries)
+    rules = []
+    for task in (wide, close):
+        method = get_method("proker")()
+        rule = method.few_shot_rule(make_support(task.keys, task.labels, task.text, None), 1.0)
+        assert rule["beta"] == pytest.approx(proker.FEW_SHOT_BETA_PER_DISTANCE / _median_distance(task.keys), rel=1e-6)
+        rules.append(rule["beta"])
+    assert rules[1] > 3 * rules[0]
+
+
+def test_few_shot_beta_without_a_pair_of_shots_is_the_fixed_one() -> None:
+    keys = unit(np.array([[1.0, 0.2, 0.0]]))
+    support = make_support(keys, np.array([0]), unit(np.array([[1.0, 0.0, 0.0]])), None)
+    assert get_method("proker")().few_shot_rule(support, 1.0)["beta"] == proker.FEW_SHOT_BETA

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from cache_models import get_method, selection
-from cache_models.base import CacheMethod, make_support
+from cache_models.base import CacheMethod, Support, make_support
 from cache_models.selection import (
     MAX_FOLDS,
     ONE_SHOT_CHOICE,
@@ -19,6 +20,8 @@ from cache_models.selection import (
 )
 
 from .conftest import make_task, unit
+
+F64 = npt.NDArray[np.float64]
 
 
 def _tuned(name: str, seed: int = 0, **task_args: int | float) -> CacheMethod:
@@ -147,3 +150,53 @@ def test_a_single_shot_class_stays_in_every_refit_and_is_not_scored() -> None:
     assert np.any(train & (method.support.labels == 0))  # the lone shot is in the refit
     assert set(cross_method_scores(methods)) == set(methods)
     assert pick_best(methods) in methods
+
+
+def _gda_fold_reference(support: Support, train: npt.NDArray[np.bool_], test_row: int, alpha: float) -> F64:
+    """Dense methods.md GDA for one scored row: the means of the fold's train rows, the scatter of the
+    whole support's residuals without the scored row's class (its shot never enters it; only the
+    shrinkage scalar is the full support's)."""
+    keys, labels = support.keys.astype(np.float64), support.labels
+    n, d = support.n_classes, support.dim
+    means = np.stack([keys[train & (labels == c)].mean(axis=0) for c in range(n)])
+    full_means = np.stack([keys[labels == c].mean(axis=0) for c in range(n)])
+    residuals = keys - full_means[labels]
+    shrinkage = np.sum(residuals**2) / (labels.size - 1)  # trace(Sigma): the full support's, as in LOO
+    kept = residuals[labels != labels[test_row]]
+    precision = d * np.linalg.inv(kept.T @ kept + shrinkage * np.eye(d))
+    weights = means @ precision
+    bias = np.log(1.0 / n) - 0.5 * np.sum(weights * means, axis=1)
+    x = keys[test_row]
+    return 20.0 * (x @ support.text.T.astype(np.float64)) + alpha * (x @ weights.T + bias)
+
+
+def test_gda_at_two_shots_is_scored_with_a_covariance_without_the_scored_class() -> None:
+    """Two shots per class: every fold leaves each class one shot, whose plain refit has no covariance
+    (GDA would score as zero-shot). The fold keeps its one-shot means and takes the covariance from the
+    other classes' residuals, never from the scored shot or its class (a dense reference)."""
+    method = _tuned("gda", 5, n_classes=4, shots=2, dim=12)
+    support = method.support
+    folds = shot_folds(support, 2)
+    alpha = float(method.hyperparams["alpha"])
+    shots, logits = held_out_logits(method, 2)
+    zero_shot = 20.0 * (support.keys @ support.text.T)
+    for row in range(support.n_rows):
+        expected = _gda_fold_reference(support, folds != folds[row], row, alpha)
+        i = int(np.searchsorted(shots, support.groups[row]))
+        np.testing.assert_allclose(logits[i], expected, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(logits[i], zero_shot[row], atol=1e-3)  # the plain refit's degenerate answer
+
+
+def test_gda_with_two_shots_left_per_class_is_a_plain_refit() -> None:
+    method = _tuned("gda", 6, n_classes=3, shots=4, dim=12)
+    support = method.support
+    folds = shot_folds(support, 2)
+    _, logits = held_out_logits(method, 2)
+    for fold in range(2):
+        train = folds != fold
+        reference = get_method("gda")(**method.hyperparams)
+        reference.fit(support.keys[train], support.labels[train], support.text, support.groups[train])
+        test = np.flatnonzero(folds == fold)
+        expected = reference.predict(support.keys[test])
+        order = np.searchsorted(np.unique(support.groups), support.groups[test])
+        np.testing.assert_allclose(logits[order], expected, rtol=1e-4, atol=1e-4)
