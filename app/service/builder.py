@@ -17,6 +17,7 @@ from app.encoder import ClassPrompts, Encoder
 from app.encoder.preprocess import Pixels, Preprocessor
 from app.fewshot import fit_method, make_supports
 from app.images import ImageLimits, decode_image
+from app.store import new_incarnation
 from cache_models import METHODS
 
 from .build import choose_method, fit_methods, method_fit
@@ -106,6 +107,7 @@ class TaskBuilder:
             fits={},
             method="zero-shot",
             method_requested=request.method_requested,
+            incarnation=new_incarnation(),
         )
         return self._fit(draft, target=request.target, hyperparams=request.hyperparams)
 
