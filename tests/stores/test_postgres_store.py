@@ -23,7 +23,7 @@ from app.store.base import StoreUnavailable
 from app.store.factory import describe_store, open_store
 from app.store.postgres import PostgresStore, describe_url
 from app.store.postgres_schema import LATEST, SchemaTooNewError
-from tests.stores.postgres_server import PostgresServer
+from benchmarks.postgres_server import PostgresServer
 from tests.stores.snapshots import assert_identical, make_snapshot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
