@@ -168,6 +168,16 @@ def test_an_update_of_a_deleted_task_is_refused_and_does_not_bring_it_back(backe
     assert store.live_version("acme", "cats") == 1
 
 
+def save_at(barrier: threading.Barrier, store: TaskStore, snapshot: TaskSnapshot, outcome: list[str]) -> None:
+    """Save `snapshot` once the other side of `barrier` is there too; record how it went."""
+    barrier.wait(10)
+    try:
+        store.save(snapshot)
+        outcome.append("saved")
+    except VersionConflict as conflict:
+        outcome.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
+
+
 def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Backend, store: TaskStore) -> None:
     deleter = backend.open() if backend.shared else store
     outcomes = []
@@ -177,15 +187,7 @@ def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Ba
         barrier = threading.Barrier(2)
         saved: list[str] = []
 
-        def save(task_id: str = task_id, saved: list[str] = saved, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait(10)
-            try:
-                store.save(make_snapshot(2, task_id=task_id))
-                saved.append("saved")
-            except VersionConflict as conflict:
-                saved.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
-
-        saver = threading.Thread(target=save)
+        saver = threading.Thread(target=save_at, args=(barrier, store, make_snapshot(2, task_id=task_id), saved))
         saver.start()
         barrier.wait(10)
         assert deleter.delete("acme", task_id) is True  # it existed: at version 1 or 2
@@ -239,16 +241,7 @@ def test_a_late_update_racing_a_delete_and_re_create_never_changes_the_new_task(
         barrier = threading.Barrier(2)
         saved: list[str] = []
         late = make_snapshot(2, task_id=task_id, incarnation=f"old{round_number}")
-
-        def save(late: TaskSnapshot = late, saved: list[str] = saved, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait(10)
-            try:
-                store.save(late)
-                saved.append("saved")
-            except VersionConflict as conflict:
-                saved.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
-
-        saver = threading.Thread(target=save)
+        saver = threading.Thread(target=save_at, args=(barrier, store, late, saved))
         saver.start()
         barrier.wait(10)
         assert other.delete("acme", task_id) is True  # it existed: at version 1 or 2
