@@ -5,8 +5,8 @@ no caller ever iterates them outside it: readers get immutable values (a frozen 
 `BuildStatus`, a fresh list), so a reader sees one version of a task whole, old or new, never a mix.
 
 - Reads: `get` serves the cached task; on a miss it loads the task from the store (load-on-miss).
-  With `check_freshness`, every `get` first asks the store for the task's live version
-  (`store.live_version`, one cheap read) and reloads when it moved, so a replica sees what another
+  With `check_freshness`, every `get` first asks the store for the task's live version and incarnation
+  (`store.live_head`, one cheap read) and reloads when either moved, so a replica sees what another
   replica wrote; off for the embedded local store, which only this process writes.
 - Writes: one writer per task at a time (`writing(key)`: a per-task lock that exists only while someone
   holds or waits for it, so locks disappear with their task). `save` goes through the store's
@@ -126,8 +126,9 @@ class TaskRegistry(BuildTracking):
             if task is not None:
                 self._tasks.move_to_end(key)
         if task is not None and self.check_freshness:
-            live = self.store.live_version(*key)
-            if live != task.version:
+            # The incarnation too: a task deleted and created again elsewhere may be at the cached version.
+            live = self.store.live_head(*key)
+            if live != (task.version, task.incarnation):
                 self._forget(key, task.version)
                 task = None
         if task is not None:

@@ -177,6 +177,11 @@ class TaskStore(Protocol):
         check a replica makes on every request to see whether its cached copy is still current."""
         ...
 
+    def live_head(self, tenant: str, task_id: str) -> tuple[int, str | None] | None:
+        """The live (version, incarnation) of a task (None if it does not exist): `live_version` plus what
+        tells a task created again under the same id from the one a replica has cached."""
+        ...
+
     def load(self, tenant: str, task_id: str) -> TaskSnapshot | None:
         """The live version of a task, None if there is none; DamagedTaskError if it fails verification."""
         ...

@@ -168,6 +168,9 @@ class LocalDirStore(TaskStore):
         head = self._stored_head(self._task_dir(tenant, task_id))
         return None if head is None else head[0]
 
+    def live_head(self, tenant: str, task_id: str) -> tuple[int, str | None] | None:
+        return self._stored_head(self._task_dir(tenant, task_id))
+
     def delete(self, tenant: str, task_id: str) -> bool:
         task_dir = self._task_dir(tenant, task_id)
         with self._task_lock(tenant, task_id):

@@ -170,6 +170,17 @@ class PostgresStore(TaskStore):
 
         return self._db.read(read)
 
+    def live_head(self, tenant: str, task_id: str) -> tuple[int, str | None] | None:
+        key = (check_id(tenant, "tenant"), check_id(task_id, "task id"))
+
+        def read(conn: Connection) -> tuple[int, str | None] | None:
+            row = conn.execute(
+                "SELECT version, incarnation FROM shotcache_task WHERE tenant = %s AND task_id = %s", key
+            ).fetchone()
+            return None if row is None else (int(row[0]), None if row[1] is None else str(row[1]))
+
+        return self._db.read(read)
+
     def load(self, tenant: str, task_id: str) -> TaskSnapshot | None:
         key = (check_id(tenant, "tenant"), check_id(task_id, "task id"))
         return self._db.read(lambda conn: self._load(conn, *key))

@@ -189,6 +189,18 @@ def test_freshness_check_serves_what_another_replica_wrote(loop: Loop, service: 
     assert raised.value.code == ErrorCode.TASK_NOT_FOUND
 
 
+def test_freshness_check_sees_a_task_created_again_at_the_cached_version(loop: Loop, service: TaskService) -> None:
+    old = created(loop, service, create_request(("cat", "dog"), 2))
+    other = created(loop, service, create_request(("cat", "dog"), 2))
+    store = LocalDirStore(service.settings.data_dir / "tasks")
+    fresh = TaskRegistry(store, from_snapshot, to_snapshot, model_id=old.model_id, check_freshness=True)
+    assert fresh.get(old.key).incarnation == old.incarnation  # cached at version 1
+    loop.run(service.delete(TENANT, old.task_id))
+    service.registry.save(dataclasses.replace(other, task_id=old.task_id, name="new"))  # version 1 again
+    served = fresh.get(old.key)
+    assert (served.version, served.name, served.incarnation) == (1, "new", other.incarnation)
+
+
 READERS = 8
 BUILDERS = 4
 ROUNDS = 200

@@ -210,6 +210,7 @@ def test_an_update_built_before_a_delete_and_re_create_does_not_change_the_new_t
     with pytest.raises(VersionConflict, match="deleted and created again") as raised:
         store.save(make_snapshot(2, incarnation="old"))  # built from the old task's version 1
     assert raised.value.live is None
+    assert store.live_head("acme", "cats") == (1, "new")
     assert_identical(backend.open().load("acme", "cats"), make_snapshot(1, incarnation="new"))
     with pytest.raises(VersionConflict, match="deleted and created again"):  # however far ahead it is
         store.save(make_snapshot(5, incarnation="old"))
@@ -224,6 +225,7 @@ def test_tasks_without_an_incarnation_keep_working_and_refuse_another_ones_updat
     # A task stored before incarnations existed has none; its updates carry none.
     store.save(make_snapshot(1))
     store.save(make_snapshot(2))
+    assert store.live_head("acme", "cats") == (2, None)
     assert_identical(backend.open().load("acme", "cats"), make_snapshot(2))
     with pytest.raises(VersionConflict, match="deleted and created again"):
         store.save(make_snapshot(3, incarnation="other"))
