@@ -26,7 +26,7 @@ lint: $(STAMP)
 # What the tests need from Debian (as root, only what is missing): Chromium for the page's browser tests;
 # iproute2's `ip` to bring up the loopback of the Ray test's private network namespace (unshare is
 # util-linux, always there). PostgreSQL is installed by its own test fixture
-# (tests/stores/postgres_server.py), which keeps Debian's package from creating and starting a cluster.
+# (benchmarks/postgres_server.py), which keeps Debian's package from creating and starting a cluster.
 SYSTEM_PACKAGES := chromium iproute2
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \

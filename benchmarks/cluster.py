@@ -1,9 +1,9 @@
 """`shotcache bench --only cluster`: what sharing tasks through PostgreSQL costs, on this machine.
 
 Starts its own throw-away PostgreSQL (Debian's package, a temp cluster on 127.0.0.1 and a unix socket:
-the tests' `tests/stores/postgres_server.py`) and real `shotcache serve --model offline` replicas on
-loopback (`tests/reliability/server.py`, the one helper every test uses), and stops all of them by PID.
-So it runs from a checkout (the `tests` package beside `benchmarks`) with the `postgres` extra.
+`benchmarks/postgres_server.py`, which the tests' fixtures use too) and real `shotcache serve --model
+offline` replicas on loopback (`benchmarks/server_process.py`, the one helper every test uses), and stops
+all of them by PID. It needs the `postgres` extra, not the tests package nor pytest.
 
 - store: the live-version check every request of a replica makes (`PostgresStore.live_version`: the
   pool's connection check plus one indexed lookup), and saving / cold-loading a 100 x 16 and a 1000 x 16
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ import numpy as np
 
 from app.store import TaskSnapshot
 
-from .common import REPO, BenchConfig, percentile, table
+from .common import BenchConfig, percentile, table
 
 DIM = 1280
 CLASSES = ("airplane", "automobile", "bird")
@@ -67,14 +66,6 @@ def _timed(call: Any, repeats: int) -> list[float]:
         call()
         out.append(time.perf_counter() - started)
     return out
-
-
-def _checkout_helpers() -> None:
-    """Make the checkout's `tests` package importable (the PostgreSQL fixture and the server helper)."""
-    if not (REPO / "tests" / "reliability" / "server.py").is_file():
-        raise RuntimeError(f"bench --only cluster runs from a checkout: no tests/ package under {REPO}")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
 
 
 def bench_store(url: str, quick: bool) -> dict[str, Any]:
@@ -206,10 +197,8 @@ def store_round_trips(b: Any, url: str, task_id: str, probe: bytes, requests: in
 
 
 def bench_cluster(config: BenchConfig) -> dict[str, Any]:
-    _checkout_helpers()
-    from tests.cluster.replicas import start_replicas
-    from tests.reliability.server import load_average
-    from tests.stores import postgres_server
+    from . import postgres_server
+    from .server_process import load_average, start_replicas
 
     server = postgres_server.acquire()
     replicas: list[Any] = []

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 SECTIONS = ("encoder", "decode", "cache", "served", "accuracy", "methods", "memory", "cluster")
-# Run by default: all but `cluster`, which needs the `postgres` extra, a checkout's tests/ package and
+# Run by default: all but `cluster`, which needs the `postgres` extra and
 # Debian's PostgreSQL (it starts its own server and two replicas): `--only cluster`.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "cluster")
 

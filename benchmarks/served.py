@@ -9,13 +9,8 @@ on the same cores as the server; its cost (~1 ms of CPU per request) is part of 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,6 +24,7 @@ from app.encoder.standin import standin_dir
 
 from .common import VIT_NAME, BenchConfig, percentile, random_weights, table
 from .encoders import jpeg_bytes, raw_rate
+from .server_process import Server as ServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +32,6 @@ READY_TIMEOUT = 600.0  # a first start may export the model
 CLASSIFY_ROUTE = "/v1/tasks/{task_id}/classify"
 # Label values may hold braces (route="/v1/tasks/{task_id}/classify"): the label set ends at the last "}".
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(client: httpx.Client) -> dict[str, float]:
@@ -74,7 +64,8 @@ def peak_rss_mb(pid: int) -> dict[str, float]:
 
 
 class Server:
-    """`shotcache serve` on a fresh data dir that links the bench data dir's model and export cache."""
+    """`shotcache serve` on a fresh data dir that links the bench data dir's model and export cache (the
+    process itself is the one helper every test and benchmark starts: server_process.py)."""
 
     def __init__(self, config: BenchConfig, model: str, backend: str) -> None:
         self.config = config
@@ -88,45 +79,25 @@ class Server:
         exports = (config.data_dir / "exports").resolve()
         exports.mkdir(parents=True, exist_ok=True)
         (data / "exports").symlink_to(exports, target_is_directory=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
-        env.update(SHOTCACHE_THREADS=str(config.threads), SHOTCACHE_BACKEND=backend, SHOTCACHE_MAX_CREATE_FILES="4096")
+        env = {"SHOTCACHE_THREADS": str(config.threads), "SHOTCACHE_BACKEND": backend}
+        env["SHOTCACHE_MAX_CREATE_FILES"] = "4096"
         if model == "offline":
             link = standin_dir(data)
             link.parent.mkdir(parents=True)
             link.symlink_to(standin_dir(config.data_dir).resolve(), target_is_directory=True)
         else:
             env["SHOTCACHE_PRETRAINED"] = str(random_weights(model, config.data_dir).resolve())
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = self.folder / "server.log"
-        command = [sys.executable, "-m", "app.cli", "serve", "--model", model, "--data-dir", str(data)]
-        with self.log_path.open("wb") as handle:
-            self.process = subprocess.Popen(
-                [*command, "--port", str(self.port)], env=env, stdout=handle, stderr=subprocess.STDOUT
-            )
+        self.server = ServerProcess(data, self.log_path, env, name=f"{model} server", model=model)
+        self.process = self.server.process
+        self.port = self.server.port
+        self.base = self.server.base_url
 
     def wait_ready(self) -> float:
-        started = time.monotonic()
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - started > READY_TIMEOUT:
-                raise RuntimeError(f"server not ready after {READY_TIMEOUT} s:\n{self.log_path.read_text()}")
-            time.sleep(0.25)
+        return self.server.wait_ready(READY_TIMEOUT)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        self.server.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.server_process import link_model
+
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = Path(os.environ.get("SHOTCACHE_TEST_DATASETS", REPO.parent / "shared" / "datasets"))
 # The stand-in is deterministic, so one build serves every test run on this checkout.
@@ -19,21 +21,6 @@ def dataset_dir(name: str) -> Path:
     if not (path / "train").is_dir() or not (path / "test").is_dir():
         pytest.skip(f"dataset {name} not available at {path}")
     return path
-
-
-def link_model(data_dir: Path, model_data_dir: Path) -> None:
-    """Link the built stand-in and its ONNX exports into a fresh data dir, so a server started on it
-    (in-process or a subprocess) neither rebuilds the model nor re-exports it."""
-    from app.encoder.standin import standin_dir
-
-    link = standin_dir(data_dir)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.is_symlink():
-        link.symlink_to(standin_dir(model_data_dir.resolve()), target_is_directory=True)
-    exports = model_data_dir.resolve() / "exports"
-    exports.mkdir(parents=True, exist_ok=True)
-    if not (data_dir / "exports").is_symlink():
-        (data_dir / "exports").symlink_to(exports, target_is_directory=True)
 
 
 @pytest.fixture(scope="session")

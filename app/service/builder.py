@@ -4,6 +4,7 @@ no locks, no validation (the request was checked once, in requests.py; the servi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from app.encoder import ClassPrompts, Encoder
 from app.encoder.preprocess import Pixels, Preprocessor
 from app.fewshot import fit_method, make_supports
 from app.images import ImageLimits, decode_image
+from app.store import new_incarnation
 from cache_models import METHODS
 
 from .build import choose_method, fit_methods, method_fit
@@ -25,6 +27,13 @@ from .requests import CheckedCreate, CheckedShots, UploadedImage
 from .task import FloatArray, Task
 
 Progress = Callable[[int, int], None]  # (shots encoded, shots in the request)
+
+# Images per encoder call of a build (at most SHOTCACHE_MAX_BATCH). An inference's working memory grows with
+# its batch and the backend keeps it for the largest batch it has run: ViT-B-32 on OpenVINO peaked ~36 MB
+# higher after batches of 8 and 88-145 MB higher after batches of 32, while batch 8 runs as fast as 32 for
+# ViT-B-32 and the stand-in (docs/benchmarks.md). Features came out bit-identical at batch 1, 8 and 32 on both
+# backends; tests/service/test_build_chunks.py compares a build with one call of all its images.
+BUILD_CALL_IMAGES = 8
 
 
 def shot_seed(task_id: str, index: int) -> int:
@@ -65,22 +74,22 @@ class TaskBuilder:
         self.max_batch = max_batch
         self.default_method = default_method
 
-    def decode(self, images: Sequence[UploadedImage]) -> list[Image.Image]:
-        """Decode uploads; the first bad one fails the request (an `ImageError` naming it)."""
+    def decode(self, images: Sequence[UploadedImage], *, first: int = 0) -> list[Image.Image]:
+        """Decode uploads (numbered from `first` in messages); the first bad one fails the request (an
+        `ImageError` naming it)."""
         side = 2 * self.encoder.input_size  # JPEGs decode at reduced scale down to this (random crops zoom in)
         return [
             decode_image(upload.data, self.limits, filename=upload.filename or f"image {i}", min_decode_side=side)
-            for i, upload in enumerate(images)
+            for i, upload in enumerate(images, start=first)
         ]
 
     def new_task(self, tenant: str, task_id: str, request: CheckedCreate, progress: Progress) -> Task:
-        images = self.decode(request.images)
         classes = request.new_classes
         names = [c.name for c in classes]
         templates = request.templates if request.templates is not None else tuple(self.encoder.default_templates)
-        seeds = [shot_seed(task_id, i) for i in range(len(images))]
-        thumbs = thumbnails.pack([thumbnails.make_thumbnail(image) for image in images])
-        features = self._encode_shots(images, request.views, seeds, progress)
+        seeds = [shot_seed(task_id, i) for i in range(len(request.images))]
+        features, jpegs = self._encode_shots(request.images, request.views, seeds, progress)
+        thumbs = thumbnails.pack(jpegs)
         now = time.time()
         draft = Task(
             tenant=tenant,
@@ -106,16 +115,15 @@ class TaskBuilder:
             fits={},
             method="zero-shot",
             method_requested=request.method_requested,
+            incarnation=new_incarnation(),
         )
         return self._fit(draft, target=request.target, hyperparams=request.hyperparams)
 
     def with_shots(self, old: Task, request: CheckedShots, progress: Progress) -> Task:
         """The next version of `old`: its shots are kept as encoded, the new ones appended, re-tuned."""
-        images = self.decode(request.images)
         first = int(old.shot_labels.shape[0])
-        seeds = [shot_seed(old.task_id, first + i) for i in range(len(images))]
-        features = self._encode_shots(images, old.views, seeds, progress)
-        jpegs = [thumbnails.make_thumbnail(image) for image in images]
+        seeds = [shot_seed(old.task_id, first + i) for i in range(len(request.images))]
+        features, jpegs = self._encode_shots(request.images, old.views, seeds, progress)
         if thumbnails.count(old.thumbnail_offsets) == first:
             thumbs = thumbnails.append(old.thumbnail_data, old.thumbnail_offsets, jpegs)
         else:  # a task stored before thumbnails: none for its old shots, so none for the new ones either
@@ -144,18 +152,28 @@ class TaskBuilder:
         return self._fit(draft, target=target, hyperparams=None)
 
     def _encode_shots(
-        self, images: Sequence[Image.Image], views: int, seeds: Sequence[int], progress: Progress
-    ) -> FloatArray:
-        """[len(images) * views, d] through the queue's bulk lane, chunk by chunk, reporting progress."""
-        return encode_views(
-            lambda pixels: self.queue.encode(pixels, bulk=True),
-            self.encoder.preprocessor,
-            images,
-            views,
-            seeds,
-            per_call=self.max_batch,
-            progress=progress,
-        )
+        self, uploads: Sequence[UploadedImage], views: int, seeds: Sequence[int], progress: Progress
+    ) -> tuple[FloatArray, list[bytes]]:
+        """([len(uploads) * views, d] features, one thumbnail JPEG per upload), through the queue's bulk
+        lane. Uploads are decoded one encoder call's worth at a time and dropped once encoded, so a build
+        holds one chunk of decoded images, not all of them (a photo decoded at 960 x 540 is 1.5 MB: 160 of
+        them, 250 MB)."""
+        per_call = min(self.max_batch, BUILD_CALL_IMAGES)
+        per_chunk = max(1, per_call // views)
+        parts: list[FloatArray] = []
+        jpegs: list[bytes] = []
+        for start in range(0, len(uploads), per_chunk):
+            chunk = uploads[start : start + per_chunk]
+            images = self.decode(chunk, first=start)
+            jpegs.extend(thumbnails.make_thumbnail(image) for image in images)
+            encode = functools.partial(self.queue.encode, bulk=True)
+            seeds_of_chunk = seeds[start : start + len(chunk)]
+            parts.append(
+                encode_views(encode, self.encoder.preprocessor, images, views, seeds_of_chunk, per_call=per_call)
+            )
+            del images
+            progress(start + len(chunk), len(uploads))
+        return np.concatenate(parts), jpegs
 
     def _text_weights(self, classes: Sequence[ClassPrompts], templates: Sequence[str]) -> FloatArray:
         return self.encoder.class_text_weights(classes, templates, encode_texts=self.queue.encode_texts)

@@ -63,7 +63,7 @@ def to_snapshot(task: Task) -> TaskSnapshot:
         "method_requested": task.method_requested,
         "methods": methods_meta,
     }
-    return TaskSnapshot(task.tenant, task.task_id, task.version, meta, arrays)
+    return TaskSnapshot(task.tenant, task.task_id, task.version, meta, arrays, task.incarnation)
 
 
 def from_snapshot(snapshot: TaskSnapshot) -> Task:
@@ -117,6 +117,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         method_requested=str(meta["method_requested"]),
         thumbnail_data=np.asarray(arrays.get("thumbnails", np.zeros(0)), dtype=np.uint8),
         thumbnail_offsets=np.asarray(arrays.get("thumbnail_offsets", np.zeros(1)), dtype=np.int64),
+        incarnation=snapshot.incarnation,
     )
     # The method classify uses is fitted now (a state it cannot use fails the load here, not a request);
     # the others on their first use.

@@ -5,14 +5,15 @@ no caller ever iterates them outside it: readers get immutable values (a frozen 
 `BuildStatus`, a fresh list), so a reader sees one version of a task whole, old or new, never a mix.
 
 - Reads: `get` serves the cached task; on a miss it loads the task from the store (load-on-miss).
-  With `check_freshness`, every `get` first asks the store for the task's live version
-  (`store.live_version`, one cheap read) and reloads when it moved, so a replica sees what another
+  With `check_freshness`, every `get` first asks the store for the task's live version and incarnation
+  (`store.live_head`, one cheap read) and reloads when either moved, so a replica sees what another
   replica wrote; off for the embedded local store, which only this process writes.
 - Writes: one writer per task at a time (`writing(key)`: a per-task lock that exists only while someone
   holds or waits for it, so locks disappear with their task). `save` goes through the store's
   compare-and-set: a writer that built from a stale version gets `StaleVersion` (code
   `version_conflict`, carrying the live version) and the stale cached copy is dropped.
 - Startup: `restore` loads every stored task (the local store's warm start).
+- Background builds: `build_tracking.py` (`BuildTracking`, a mixin working under this lock).
 
 Seam for a shared store and a memory budget (issue 12): give the registry any `TaskStore` (e.g. a
 PostgreSQL one) and `check_freshness=True`; pass `budget_bytes` to bound the cached tasks' memory. The
@@ -25,41 +26,26 @@ or freshness checks the cache is not the whole truth, so `list` asks the store f
 
 from __future__ import annotations
 
-import builtins
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from app.errors import AppError, ErrorCode, StaleVersion
 from app.store import DamagedTask, DamagedTaskError, TaskSnapshot, TaskStore, VersionConflict
 from app.store.base import check_id
-from app.store.builds import BuildBoard, BuildRecord, BuildState
+from app.store.builds import BuildBoard
 
 from . import metrics
+from .build_tracking import BuildStatus, BuildTracking, Key
 from .heap import release_freed_memory
 from .task import Task
 
+__all__ = ["BuildStatus", "Key", "TaskRegistry"]
+
 log = logging.getLogger(__name__)
-
-Key = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class BuildStatus:
-    """A task being built in the background (`wait=false`); replaced, never mutated."""
-
-    tenant: str
-    task_id: str
-    total: int
-    done: int = 0
-    state: str = "building"  # building | failed
-    error_code: ErrorCode | None = None
-    error_message: str | None = None
-    started_at: float = 0.0
 
 
 @dataclass
@@ -68,23 +54,7 @@ class _WriterLock:
     users: int = 0
 
 
-def _status_of(record: BuildRecord) -> BuildStatus:
-    """Another replica's build, as this registry reports builds."""
-    code = None
-    if record.error is not None:
-        try:
-            code = ErrorCode(str(record.error.get("code")))
-        except ValueError:
-            code = ErrorCode.INTERNAL_ERROR
-    message = None if record.error is None else str(record.error.get("message"))
-    if code is None and record.state == "failed":
-        code = ErrorCode.INTERNAL_ERROR
-    return BuildStatus(
-        record.tenant, record.task_id, record.total, record.done, record.state, code, message, record.started_at
-    )
-
-
-class TaskRegistry:
+class TaskRegistry(BuildTracking):
     def __init__(
         self,
         store: TaskStore,
@@ -156,8 +126,9 @@ class TaskRegistry:
             if task is not None:
                 self._tasks.move_to_end(key)
         if task is not None and self.check_freshness:
-            live = self.store.live_version(*key)
-            if live != task.version:
+            # The incarnation too: a task deleted and created again elsewhere may be at the cached version.
+            live = self.store.live_head(*key)
+            if live != (task.version, task.incarnation):
                 self._forget(key, task.version)
                 task = None
         if task is not None:
@@ -193,69 +164,6 @@ class TaskRegistry:
     def __len__(self) -> int:
         with self._lock:
             return len(self._tasks)
-
-    # ---- background builds --------------------------------------------------------------------
-    # This process's builds are in `_builds`; with a shared `build_board` (PostgreSQL) they are also
-    # written there, so a poll that reaches another replica finds them (progress at most every 1 s).
-    def build_status(self, key: Key) -> BuildStatus | None:
-        with self._lock:
-            status = self._builds.get(key)
-        if status is None and self.build_board is not None:
-            record = self.build_board.get(*key)
-            status = None if record is None else _status_of(record)
-        return status
-
-    def builds(self, tenant: str) -> builtins.list[BuildStatus]:
-        with self._lock:
-            mine = {task_id: b for (owner, task_id), b in self._builds.items() if owner == tenant}
-        if self.build_board is not None:
-            for record in self.build_board.list(tenant):
-                mine.setdefault(record.task_id, _status_of(record))
-        return list(mine.values())
-
-    def start_build(self, status: BuildStatus) -> None:
-        with self._lock:
-            self._builds[(status.tenant, status.task_id)] = status
-        self._publish_build(status, force=True)
-
-    def build_progress(self, key: Key, done: int) -> None:
-        with self._lock:
-            status = self._builds.get(key)
-            if status is not None:
-                status = self._builds[key] = replace(status, done=done)
-        if status is not None:
-            self._publish_build(status, force=done >= status.total)
-
-    def end_build(self, key: Key, error: AppError | None) -> None:
-        """A background build finished: forget it (its task is saved), or keep it as failed."""
-        with self._lock:
-            status = self._builds.pop(key, None)
-            if status is not None and error is not None:
-                status = self._builds[key] = replace(
-                    status, state="failed", error_code=error.code, error_message=error.message
-                )
-        if self.build_board is not None and status is not None:
-            if error is None:
-                self.build_board.remove(*key)
-            else:
-                self._publish_build(status, force=True)
-
-    def _publish_build(self, status: BuildStatus, *, force: bool) -> None:
-        if self.build_board is None:
-            return
-        now = time.monotonic()
-        key = (status.tenant, status.task_id)
-        if not force and now - self._published.get(key, 0.0) < 1.0:
-            return
-        self._published[key] = now
-        error = None if status.error_code is None else {"code": status.error_code, "message": status.error_message}
-        state: BuildState = "failed" if status.state == "failed" else "building"
-        try:
-            self.build_board.put(
-                BuildRecord(status.tenant, status.task_id, status.total, status.done, state, error, status.started_at)
-            )
-        except Exception:  # progress is advisory: a store hiccup must not fail the build
-            log.warning("could not publish the progress of build %s/%s", *key)
 
     # ---- writes -------------------------------------------------------------------------------
     @contextmanager

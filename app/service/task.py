@@ -171,6 +171,9 @@ class Task:
     # One small JPEG per shot (app.thumbnails' pack); empty for tasks stored before thumbnails existed.
     thumbnail_data: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
     thumbnail_offsets: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
+    # Set when the task is created, kept by every later version: the store refuses an update built from
+    # another task that had this id before (None: a task stored before incarnations existed).
+    incarnation: str | None = None
     # Not an init field: `dataclasses.replace` (a new version) starts with none fitted, never the old ones.
     fitted: FittedMethods = field(default_factory=FittedMethods, init=False, compare=False, repr=False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +49,11 @@ class TaskSnapshot:
 
     `meta` must be JSON-serialisable; it comes back as parsed JSON (tuples as lists, keys as strings).
     Arrays come back bit-identical: same dtype (byte order included), shape and bytes.
+
+    `incarnation` tells apart two tasks that had the same id one after the other (deleted, then created
+    again): set once when the task is created (`new_incarnation`), carried unchanged by every later
+    version, and an update is stored only over the incarnation it was built from. None: a task stored
+    before incarnations existed (it keeps working; its updates carry None too).
     """
 
     tenant: str
@@ -55,6 +61,7 @@ class TaskSnapshot:
     version: int
     meta: Mapping[str, Any]
     arrays: Mapping[str, npt.NDArray[Any]]
+    incarnation: str | None = None
 
     def __post_init__(self) -> None:
         check_id(self.tenant, "tenant")
@@ -62,6 +69,8 @@ class TaskSnapshot:
         # bool is an int subclass; True as a version is a caller bug, not version 1.
         if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
             raise ValueError(f"version must be an integer >= 1, got {self.version!r}")
+        if self.incarnation is not None:
+            check_id(self.incarnation, "incarnation")
         if not isinstance(self.meta, Mapping):
             raise ValueError(f"meta must be a mapping, got {type(self.meta).__name__}")
         for name, array in self.arrays.items():
@@ -70,6 +79,11 @@ class TaskSnapshot:
                 raise ValueError(f"array {name!r} must be a numpy array, got {type(array).__name__}")
             if array.dtype.hasobject:
                 raise ValueError(f"array {name!r} has dtype {array.dtype}: object arrays would need pickles")
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation id for a task being created (128 random bits: never reused in practice)."""
+    return secrets.token_hex(16)
 
 
 def encode_meta(snapshot: TaskSnapshot) -> bytes:
@@ -111,6 +125,29 @@ class VersionConflict(ValueError):  # noqa: N818 (the condition, like DamagedTas
         self.live = live
 
 
+def refusal(snapshot: TaskSnapshot, live: tuple[int, str | None] | None) -> VersionConflict | None:
+    """Why `snapshot` may not be stored over the live (version, incarnation) of its task (None: it may).
+
+    Every backend's compare-and-set decides by this rule (the local store before it writes, the
+    database in its conditional statement, whose refusals it explains with this function).
+    """
+    refused = f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} refused"
+    if live is None:
+        if snapshot.version == 1:
+            return None
+        return VersionConflict(f"{refused}, it was deleted: an update does not recreate a task", live=None)
+    live_version, live_incarnation = live
+    if snapshot.version > 1 and live_incarnation != snapshot.incarnation:
+        return VersionConflict(
+            f"{refused}, it was deleted and created again since this update was built: "
+            "an update of the old task does not change the new one",
+            live=None,
+        )
+    if snapshot.version <= live_version:
+        return VersionConflict(f"{refused}, it is not newer than the stored version {live_version}", live=live_version)
+    return None
+
+
 class StoreUnavailable(Exception):  # noqa: N818 (a condition the service reports, like VersionConflict)
     """The store cannot be reached right now (a shared backend is down or unreachable).
 
@@ -129,13 +166,20 @@ class TaskStore(Protocol):
         previous version stays intact. Version 1 creates the task, a higher version updates it. Raises
         VersionConflict (a ValueError) if `snapshot.version` is not above the live one (a writer that
         built from a stale version never overwrites a newer one), and with `live=None` for an update
-        (version > 1) of a task that does not exist: a save racing a delete never resurrects the task.
+        (version > 1) of a task that does not exist, or whose live incarnation is not the snapshot's (the
+        task was deleted and created again under the same id while the update was built): a save racing
+        a delete never resurrects the task, nor changes the one created after it.
         """
         ...
 
     def live_version(self, tenant: str, task_id: str) -> int | None:
         """The live version number of a task (None if it does not exist), without loading it: the cheap
         check a replica makes on every request to see whether its cached copy is still current."""
+        ...
+
+    def live_head(self, tenant: str, task_id: str) -> tuple[int, str | None] | None:
+        """The live (version, incarnation) of a task (None if it does not exist): `live_version` plus what
+        tells a task created again under the same id from the one a replica has cached."""
         ...
 
     def load(self, tenant: str, task_id: str) -> TaskSnapshot | None:

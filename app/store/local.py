@@ -2,7 +2,8 @@
 
 Layout under `root` (`<data_dir>/tasks`)::
 
-    <tenant>/<task_id>/current.json        manifest: names the live version, size + SHA-256 of every file
+    <tenant>/<task_id>/current.json        manifest: names the live version and the task's incarnation,
+                                           size + SHA-256 of every file
     <tenant>/<task_id>/v<version>/meta.json    the snapshot's meta, JSON
     <tenant>/<task_id>/v<version>/a0000.npy    one .npy per array (numbered; names live in the manifest)
     <tenant>/<task_id>/.tmp-v<version>-*/      a version being written (never visible)
@@ -24,6 +25,10 @@ SHA-256 recorded in the manifest, and the array's dtype and shape against the ma
 else in a task dir (temp dirs, versions no manifest names, a stray `current.json.tmp`) is the residue
 of an unacknowledged save or an interrupted delete and is removed; a task dir without a manifest is
 removed whole. A task whose manifest or files fail verification is moved to `.damaged/` and reported.
+
+The compare-and-set (`base.refusal`) is decided under the task's lock from the live manifest: a
+version not above the live one, an update of a task without a manifest, or an update built from another
+incarnation of the task (deleted and created again meanwhile) is refused before anything is written.
 
 Concurrency: a per-task lock serialises saves and deletes of the same task; different tasks save in
 parallel. Reads take no lock: they read one manifest (replaced atomically) and the files it names, and if
@@ -54,9 +59,9 @@ from app.store.base import (
     DamagedTaskError,
     TaskSnapshot,
     TaskStore,
-    VersionConflict,
     check_id,
     encode_meta,
+    refusal,
 )
 from app.store.durable_files import (
     file_sha256,
@@ -113,20 +118,11 @@ class LocalDirStore(TaskStore):
         meta_bytes = encode_meta(snapshot)
         task_dir = self._task_dir(snapshot.tenant, snapshot.task_id)
         with self._task_lock(snapshot.tenant, snapshot.task_id):
-            stored_version = self._stored_version(task_dir)
-            if stored_version is not None and snapshot.version <= stored_version:
-                raise VersionConflict(
-                    f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} is not newer "
-                    f"than the stored version {stored_version}",
-                    live=stored_version,
-                )
-            if stored_version is None and snapshot.version > 1:  # an update of a task deleted meanwhile
-                raise VersionConflict(
-                    f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} refused, "
-                    "it was deleted: an update does not recreate a task",
-                    live=None,
-                )
-            if stored_version is None:
+            head = self._stored_head(task_dir)
+            refused = refusal(snapshot, head)
+            if refused is not None:
+                raise refused
+            if head is None:
                 # Fsync both parents even if another thread created them: its fsync may still be pending,
                 # and this save must not return before the path to the new task is durable.
                 task_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +165,11 @@ class LocalDirStore(TaskStore):
     def live_version(self, tenant: str, task_id: str) -> int | None:
         # One small file read; an unreadable manifest reads as "no live version" here and is reported
         # as damage by `load`.
-        return self._stored_version(self._task_dir(tenant, task_id))
+        head = self._stored_head(self._task_dir(tenant, task_id))
+        return None if head is None else head[0]
+
+    def live_head(self, tenant: str, task_id: str) -> tuple[int, str | None] | None:
+        return self._stored_head(self._task_dir(tenant, task_id))
 
     def delete(self, tenant: str, task_id: str) -> bool:
         task_dir = self._task_dir(tenant, task_id)
@@ -237,7 +237,9 @@ class LocalDirStore(TaskStore):
         size, digest = write_bytes_durably(version_dir / META_FILE, meta_bytes)
         self._on_step("meta_written")
         meta_entry = FileEntry(META_FILE, size, digest)
-        return Manifest(snapshot.tenant, snapshot.task_id, snapshot.version, meta_entry, tuple(array_entries))
+        return Manifest(
+            snapshot.tenant, snapshot.task_id, snapshot.version, meta_entry, tuple(array_entries), snapshot.incarnation
+        )
 
     def _remove_leftovers(self, task_dir: Path, keep: str) -> None:
         for entry in _sorted_entries(task_dir):
@@ -310,16 +312,18 @@ class LocalDirStore(TaskStore):
         with self._locks_guard:
             return self._task_locks.setdefault((tenant, task_id), threading.Lock())
 
-    def _stored_version(self, task_dir: Path) -> int | None:
-        """The live version, or None if there is none or its manifest is unreadable (a save replaces it)."""
+    def _stored_head(self, task_dir: Path) -> tuple[int, str | None] | None:
+        """The live (version, incarnation), or None if there is none or its manifest is unreadable (a save
+        replaces it)."""
         manifest_bytes = _read_manifest_bytes(task_dir)
         if manifest_bytes is None:
             return None
         try:
-            return Manifest.from_bytes(manifest_bytes, task_dir.parent.name, task_dir.name).version
+            manifest = Manifest.from_bytes(manifest_bytes, task_dir.parent.name, task_dir.name)
         except ManifestError:
             logger.warning("replacing the unreadable manifest of %s", task_dir)
             return None
+        return manifest.version, manifest.incarnation
 
     def _tenant_names(self) -> list[str]:
         return [entry.name for entry in _sorted_entries(self.root) if _is_valid_id(entry.name) and entry.is_dir()]
@@ -332,7 +336,7 @@ def _read_version(version_dir: Path, manifest: Manifest) -> TaskSnapshot:
         if not isinstance(meta, dict):
             raise _DamageError("meta.json is not a JSON object")
         arrays = {entry.name: _read_verified_array(version_dir, entry) for entry in manifest.arrays}
-        return TaskSnapshot(manifest.tenant, manifest.task_id, manifest.version, meta, arrays)
+        return TaskSnapshot(manifest.tenant, manifest.task_id, manifest.version, meta, arrays, manifest.incarnation)
     except FileNotFoundError as error:
         raise _DamageError(f"missing file {Path(str(error.filename)).name} of version {manifest.version}") from None
     except (OSError, ValueError, RecursionError) as error:  # bad JSON or .npy header, invalid snapshot

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from app.store.base import check_array_name
+from app.store.base import check_array_name, check_id
 from app.store.durable_files import sha256_hex
 
 FORMAT = "shotcache-task/1"
@@ -57,6 +57,8 @@ class Manifest:
     version: int
     meta: FileEntry
     arrays: tuple[ArrayEntry, ...]
+    # Absent from manifests written before incarnations existed (and then None): such a task still loads.
+    incarnation: str | None = None
 
     @property
     def version_dir(self) -> str:
@@ -74,6 +76,8 @@ class Manifest:
                 for a in self.arrays
             ],
         }
+        if self.incarnation is not None:
+            body["incarnation"] = self.incarnation
         document = {"body": body, "sha256": sha256_hex(_canonical(body))}
         return json.dumps(document, indent=1, sort_keys=True).encode() + b"\n"
 
@@ -102,7 +106,13 @@ class Manifest:
         arrays = tuple(_array_from_json(item) for item in _field(body, "arrays", list))
         if len({a.name for a in arrays}) != len(arrays) or len({a.stored.file for a in arrays}) != len(arrays):
             raise ManifestError("manifest lists an array name or file twice")
-        return cls(tenant, task_id, version, meta, arrays)
+        incarnation = body.get("incarnation")
+        if incarnation is not None:
+            try:
+                check_id(incarnation, "incarnation")
+            except ValueError as error:
+                raise ManifestError(f"manifest: {error}") from None
+        return cls(tenant, task_id, version, meta, arrays, incarnation)
 
 
 def _canonical(body: object) -> bytes:

@@ -16,9 +16,12 @@ Every array's bytes are checked against the length and sha256 in its row on load
 missing blob, or meta that fails its checksum) is a DamagedTaskError. A damaged task stays where it is
 (other replicas may be serving an older cached copy); `load_all` reports it, `delete` removes it.
 
-A snapshot of version 1 creates its task; a higher version updates one that exists. A save of version
-v > 1 that finds no task (deleted while the update was built from v - 1) is refused with
-VersionConflict(live=None): a late writer never brings a deleted task back.
+A snapshot of version 1 creates its task; a higher version updates one that exists and has the
+snapshot's incarnation (the pointer row's `incarnation`, set at create; NULL for tasks created before
+migration 3, whose updates carry None). A save of version v > 1 that finds no task (deleted while the
+update was built from v - 1), or another incarnation of it (deleted and created again meanwhile), is
+refused with VersionConflict(live=None): a late writer never brings a deleted task back, nor changes
+the task created after it under the same id.
 
 Connection problems raise StoreUnavailable with a message that never holds the password; reads are
 retried once on a fresh connection (a database restart breaks every pooled connection), writes are
@@ -42,6 +45,7 @@ from app.store.base import (
     VersionConflict,
     check_id,
     encode_meta,
+    refusal,
 )
 from app.store.postgres_arrays import DamageError, StoredArray, sha256_of, verified_array, verified_meta
 from app.store.postgres_builds import PostgresBuildBoard
@@ -102,28 +106,27 @@ class PostgresStore(TaskStore):
         with self._db.connection() as conn, conn.transaction():
             if snapshot.version == 1:  # a new task: insert its pointer (a conflict if the id is taken)
                 moved = conn.execute(
-                    "INSERT INTO shotcache_task (tenant, task_id, version) VALUES (%s, %s, 1)"
+                    "INSERT INTO shotcache_task (tenant, task_id, version, incarnation) VALUES (%s, %s, 1, %s)"
                     " ON CONFLICT (tenant, task_id) DO NOTHING RETURNING version",
-                    key,
+                    (*key, snapshot.incarnation),
                 ).fetchone()
-            else:  # an update: move an existing pointer forward; a deleted task stays deleted
+            else:  # an update: move the pointer of the same incarnation forward; a deleted task stays deleted
                 moved = conn.execute(
                     "UPDATE shotcache_task SET version = %s, updated_at = now()"
-                    " WHERE tenant = %s AND task_id = %s AND version < %s RETURNING version",
-                    (snapshot.version, *key, snapshot.version),
+                    " WHERE tenant = %s AND task_id = %s AND version < %s AND incarnation IS NOT DISTINCT FROM %s"
+                    " RETURNING version",
+                    (snapshot.version, *key, snapshot.version, snapshot.incarnation),
                 ).fetchone()
             if moved is None:
-                live = conn.execute(
-                    "SELECT version FROM shotcache_task WHERE tenant = %s AND task_id = %s", key
+                row = conn.execute(
+                    "SELECT version, incarnation FROM shotcache_task WHERE tenant = %s AND task_id = %s", key
                 ).fetchone()
-                live_version = None if live is None else int(live[0])
-                if live_version is None:
-                    problem = "it was deleted: an update does not recreate a task"
-                else:
-                    problem = f"it is not newer than the stored version {live_version}"
-                raise VersionConflict(
-                    f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} refused, {problem}",
-                    live=live_version,
+                live = None if row is None else (int(row[0]), None if row[1] is None else str(row[1]))
+                # None: the row changed between the statement and this read (a concurrent delete or create).
+                raise refusal(snapshot, live) or VersionConflict(
+                    f"task {snapshot.tenant}/{snapshot.task_id}: version {snapshot.version} refused, "
+                    "the task changed while it was saved; retry",
+                    live=None if live is None else live[0],
                 )
             conn.execute(
                 "DELETE FROM shotcache_version WHERE tenant = %s AND task_id = %s AND version <> %s",
@@ -164,6 +167,17 @@ class PostgresStore(TaskStore):
         def read(conn: Connection) -> int | None:
             row = conn.execute("SELECT version FROM shotcache_task WHERE tenant = %s AND task_id = %s", key).fetchone()
             return None if row is None else int(row[0])
+
+        return self._db.read(read)
+
+    def live_head(self, tenant: str, task_id: str) -> tuple[int, str | None] | None:
+        key = (check_id(tenant, "tenant"), check_id(task_id, "task id"))
+
+        def read(conn: Connection) -> tuple[int, str | None] | None:
+            row = conn.execute(
+                "SELECT version, incarnation FROM shotcache_task WHERE tenant = %s AND task_id = %s", key
+            ).fetchone()
+            return None if row is None else (int(row[0]), None if row[1] is None else str(row[1]))
 
         return self._db.read(read)
 
@@ -223,7 +237,7 @@ class PostgresStore(TaskStore):
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             head = conn.execute(
-                "SELECT t.version, v.meta, v.meta_sha256 FROM shotcache_task t"
+                "SELECT t.version, v.meta, v.meta_sha256, t.incarnation FROM shotcache_task t"
                 " LEFT JOIN shotcache_version v USING (tenant, task_id, version)"
                 " WHERE t.tenant = %s AND t.task_id = %s",
                 (tenant, task_id),
@@ -241,7 +255,8 @@ class PostgresStore(TaskStore):
         try:
             meta = verified_meta(head[1], head[2], version)
             arrays = {str(row[0]): verified_array(*row) for row in rows}
-            return TaskSnapshot(tenant, task_id, version, meta, arrays)
+            incarnation = None if head[3] is None else str(head[3])
+            return TaskSnapshot(tenant, task_id, version, meta, arrays, incarnation)
         except (DamageError, ValueError) as error:
             location = f"{self.description} task {tenant}/{task_id} version {version}"
             raise DamagedTaskError(DamagedTask(tenant, task_id, location, str(error))) from None

@@ -3,7 +3,9 @@
 Tables (every key starts with the tenant, so one tenant's rows can never answer another's lookup):
 
     shotcache_migrations  (version)                          which migrations this database has had
-    shotcache_task        (tenant, task_id)                  the pointer: the task's live version
+    shotcache_task        (tenant, task_id)                  the pointer: the task's live version and its
+                                                             incarnation (NULL for tasks created before
+                                                             migration 3)
     shotcache_version     (tenant, task_id, version)         an immutable version: its meta JSON + sha256
     shotcache_array       (tenant, task_id, version, position)   one array of a version: name, dtype,
                                                              shape, byte count and the sha256 of its bytes
@@ -103,6 +105,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (tenant, task_id)
         );
         """,
+    ),
+    Migration(
+        3,
+        "task incarnations: an update built before a delete and re-create does not change the new task",
+        # Nullable, no default: existing rows (and their updates, which carry no incarnation) keep working.
+        "ALTER TABLE shotcache_task ADD COLUMN incarnation text;",
     ),
 )
 

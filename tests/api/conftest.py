@@ -18,7 +18,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import dataset_dir, link_model
+from benchmarks.server_process import link_model
+from tests.conftest import dataset_dir
 
 # The four cifar10-mini classes of the shared task; chance is 1/4.
 BASE_CLASSES = ("airplane", "automobile", "bird", "cat")

@@ -17,7 +17,7 @@ from app.encoder.backends.cache import EXPORT_FORMATS, model_folder
 from app.encoder.choice import CHOICE_FILE, FIDELITY_MIN_COSINE, host_key, measure
 from app.encoder.encoder import Encoder
 from app.encoder.load import PreprocessConfig
-from tests.conftest import link_model
+from benchmarks.server_process import link_model
 
 PRE = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest")
 

@@ -284,3 +284,24 @@ def test_thread_settings_are_applied(tmp_path: Path) -> None:
         assert options.intra_op_num_threads == 3
         assert options.inter_op_num_threads == 1
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_an_int8_tower_left_in_fp32_is_the_fp32_file_not_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = tiny_model(3)
+    monkeypatch.setattr(export, "QUANTIZED_OPS", ("NoSuchOp",))  # nothing to quantize: both towers stay fp32
+    int8 = export.ensure_export(loaded, "onnx-int8", tmp_path)
+    fp32 = export.ensure_export(loaded, "onnx", tmp_path)
+    assert (int8.image.precision, int8.text.precision) == ("fp32", "fp32")
+    assert int8.image.path.samefile(fp32.image.path)
+    assert int8.text.path.samefile(fp32.text.path)
+    assert sorted(p.name for p in int8.folder.iterdir()) == [export.MANIFEST]  # no copy of either graph
+    # A later start reads it back as valid and serves exactly the fp32 features.
+    assert not isinstance(export._read_valid(int8.folder, loaded), str)
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    served = tiny_encoder(loaded, "onnx-int8", tmp_path).encode_pixels(pixels)
+    assert served.tobytes() == tiny_encoder(loaded, "onnx", tmp_path).encode_pixels(pixels).tobytes()
+    # If the fp32 file changes, the int8 folder no longer checks out (and is exported again).
+    fp32.image.path.write_bytes(fp32.image.path.read_bytes()[:1000])
+    assert "does not match its checksum" in str(export._read_valid(int8.folder, loaded))

@@ -4,6 +4,7 @@ place between its markers. No timing is asserted: the numbers depend on the mach
 from __future__ import annotations
 
 import argparse
+import ast
 import shutil
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,17 @@ def _meta(config: BenchConfig) -> dict[str, Any]:
         "seconds": 1.0,
         "batches": config.batches,
     }
+
+
+def test_the_benchmarks_import_neither_the_tests_package_nor_pytest() -> None:
+    # Every import, top-level or inside a function (sections import their heavy parts lazily).
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in ("tests", "pytest")]
+    assert offenders == []

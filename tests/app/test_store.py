@@ -6,6 +6,7 @@ backend in tests/stores/test_store_contract.py; this file holds what is the loca
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -41,6 +42,24 @@ def test_only_the_live_version_stays_on_disk(tmp_path: Path) -> None:
     assert task_dir_entries(tmp_path) == {"current.json", "v3"}  # the old version's files are gone
     assert store.delete("acme", "cats") is True
     assert not (tmp_path / "acme" / "cats").exists()
+
+
+def test_a_manifest_written_before_incarnations_loads_and_its_task_updates(tmp_path: Path) -> None:
+    store = LocalDirStore(tmp_path)
+    store.save(make_snapshot(1, incarnation="abc"))
+    manifest = tmp_path / "acme" / "cats" / "current.json"
+    body = json.loads(manifest.read_bytes())["body"]
+    assert body["incarnation"] == "abc"
+    # The same manifest as a shotcache before incarnations wrote it: no such field (its checksum recomputed).
+    del body["incarnation"]
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    document = {"body": body, "sha256": hashlib.sha256(canonical).hexdigest()}
+    manifest.write_bytes(json.dumps(document).encode())
+    loaded = LocalDirStore(tmp_path).load("acme", "cats")
+    assert loaded is not None
+    assert loaded.incarnation is None
+    store.save(make_snapshot(2))  # an update of it carries none, as before
+    assert_identical(store.load("acme", "cats"), make_snapshot(2))
 
 
 def test_usage_counts_the_bytes_on_disk(tmp_path: Path) -> None:

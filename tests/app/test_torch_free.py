@@ -22,7 +22,8 @@ from app.encoder.factory import ModelDefaults, make_towers
 from app.encoder.preprocess import Preprocessor, random_resized_crop, sample_view
 from app.encoder.tokenize import FileTokenizer, write_tokenizer_file
 from app.settings import Settings
-from tests.conftest import dataset_dir, link_model
+from benchmarks.server_process import link_model
+from tests.conftest import dataset_dir
 
 FORBIDDEN = ("torch", "open_clip", "timm", "transformers", "torchvision")
 PROMPTS = [

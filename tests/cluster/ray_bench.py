@@ -114,8 +114,9 @@ def inside(mode: str, store_url: str, data_dir: str, seconds: float, clients: in
 
 def main(seconds: float, clients: int, threads: int) -> list[dict[str, Any]]:
     from app.encoder.standin import ensure_standin
-    from tests.conftest import MODEL_DATA_DIR, dataset_dir, link_model
-    from tests.stores import postgres_server
+    from benchmarks import postgres_server
+    from benchmarks.server_process import link_model
+    from tests.conftest import MODEL_DATA_DIR, dataset_dir
 
     ensure_standin(MODEL_DATA_DIR)
     server = postgres_server.acquire()

@@ -1,46 +1,17 @@
-"""Real `shotcache serve` replicas on one PostgreSQL store: each its own process, port and data dir.
-
-Each is the shared test server (tests/reliability/server.py) with `SHOTCACHE_STORE` set, the offline
-stand-in model linked into its data dir, one thread each (two replicas share two cores). Importable
-without pytest so the cluster benchmark can use it too.
-"""
+"""Real `shotcache serve` replicas on one PostgreSQL store (started by benchmarks/server_process.py, which
+the cluster benchmark uses too), and the uploads the cluster tests send them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.reliability.server import REPO, Server, free_port, prepare_data_dir
+from benchmarks.server_process import REPO, Server, free_port, replica, start_replicas
 
 __all__ = ["REPO", "Replica", "free_port", "images", "multipart", "replica", "start_replicas"]
 
 Replica = Server
-
-
-def replica(
-    name: str, root: Path, store_url: str, model_data_dir: Path, env: Mapping[str, str] | None = None
-) -> Server:
-    """Start (not wait for) replica `name` with its data dir and log under `root`."""
-    data_dir = root / name / "data"
-    prepare_data_dir(data_dir, model_data_dir)
-    settings = {"SHOTCACHE_STORE": store_url, "SHOTCACHE_THREADS": "1", "SHOTCACHE_WORKERS": "2", **(env or {})}
-    return Server(data_dir, root / f"{name}.log", settings, name=name)
-
-
-def start_replicas(
-    names: Sequence[str], root: Path, store_url: str, model_data_dir: Path, env: Mapping[str, str] | None = None
-) -> list[Server]:
-    """Start replicas side by side (their model loads overlap) and wait until all are ready."""
-    replicas = [replica(name, root, store_url, model_data_dir, env) for name in names]
-    try:
-        for started in replicas:
-            started.wait_ready()
-    except BaseException:
-        for started in replicas:
-            started.kill()
-        raise
-    return replicas
 
 
 def multipart(shots: Sequence[tuple[Path, str]], **form: Any) -> dict[str, Any]:

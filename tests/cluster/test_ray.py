@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.postgres_server import PostgresServer, new_schema_url
+from benchmarks.server_process import link_model
 from tests.cluster.replicas import REPO
-from tests.conftest import dataset_dir, link_model
-from tests.stores.postgres_server import PostgresServer, new_schema_url
+from tests.conftest import dataset_dir
 
 PORT = 19000  # Ray's HTTP proxy, inside the private network namespace (any port is free there)
 

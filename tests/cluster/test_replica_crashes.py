@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.postgres_server import PostgresServer, new_schema_url
+from benchmarks.server_process import request_failures
 from tests.cluster.replicas import multipart, start_replicas
 from tests.cluster.test_two_replicas import create, get, shot_counts, shots
-from tests.reliability.server import request_failures
-from tests.stores.postgres_server import PostgresServer, new_schema_url
 
 pytestmark = pytest.mark.slow
 

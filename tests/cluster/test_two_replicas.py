@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.postgres_server import PostgresServer, new_schema_url
+from benchmarks.server_process import request_failures
 from tests.cluster.replicas import Replica, images, multipart, start_replicas
 from tests.conftest import dataset_dir
-from tests.reliability.server import request_failures
-from tests.stores.postgres_server import PostgresServer, new_schema_url
 
 pytestmark = pytest.mark.slow
 

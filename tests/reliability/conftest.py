@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import requests
 
+from benchmarks.server_process import prepare_data_dir
+
 from .images import DatasetMissingError, dataset_root, parts, shots
-from .server import prepare_data_dir
 
 ALICE_KEY = "alice-key-0001"
 BOB_KEY = "bob-key-000002"

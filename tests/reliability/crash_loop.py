@@ -51,8 +51,9 @@ from typing import Any, Literal
 
 import httpx
 
+from benchmarks.server_process import Server, load_average, prepare_data_dir, request_failures
+
 from .images import CLASSES, parts, shots
-from .server import Server, load_average, prepare_data_dir, request_failures
 
 TOLERANCE = 1e-6
 PROBES = (("airplane", 0), ("cat", 1), ("frog", 2), ("ship", 3))  # (class, index) in cifar10-mini test/

@@ -40,8 +40,9 @@ from typing import Any
 
 import httpx
 
+from benchmarks.server_process import Server, load_average, prepare_data_dir, request_failures, rss_mb
+
 from .images import CLASSES, image_paths, parts, shots
-from .server import Server, load_average, prepare_data_dir, request_failures, rss_mb
 
 CREATE_EVERY = 10  # 1 request in 10 creates a task
 PER_CLASSIFY = 2  # images per classify request

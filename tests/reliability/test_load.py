@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.server_process import Server, prepare_data_dir, request_failures
+
 from .images import DatasetMissingError, dataset_root, image_paths, parts, shots
 from .load import percentile, run_load
-from .server import Server, prepare_data_dir, request_failures
 
 QUEUE_SIZE = 64
 LOAD_SECONDS = float(os.environ.get("SHOTCACHE_LOAD_SECONDS", "10"))

@@ -14,8 +14,8 @@ import pytest
 from app.service import TaskService
 from app.settings import Settings
 from app.store import LocalDirStore
+from benchmarks.server_process import link_model
 from tests.api.conftest import Shot, cifar_images
-from tests.conftest import link_model
 
 T = TypeVar("T")
 

@@ -149,6 +149,28 @@ def test_a_change_built_before_a_delete_answers_not_found_and_does_not_recreate_
     assert gone.value.code == ErrorCode.TASK_NOT_FOUND
 
 
+def test_a_change_built_before_a_delete_and_re_create_does_not_change_the_new_task(
+    loop: Loop, service: TaskService
+) -> None:
+    old = created(loop, service, create_request(("cat", "dog"), 2))
+    other = created(loop, service, create_request(("cat", "dog"), 2))
+    assert old.incarnation is not None
+    assert other.incarnation is not None
+    assert old.incarnation != other.incarnation
+    more = cifar_images("train", ("cat",), 1, skip=2)
+    grown = loop.run(service.add_shots(TENANT, old.task_id, AddShotsRequest(uploads(more), ["cat"])))
+    assert grown.incarnation == old.incarnation  # every version of a task carries the one set at create
+    loop.run(service.delete(TENANT, old.task_id))
+    # The id is taken again by a new task (another incarnation) while a change of the old one was built.
+    renewed = dataclasses.replace(other, task_id=old.task_id, name="new")
+    service.registry.save(renewed)
+    with pytest.raises(AppError) as raised:
+        service.registry.save(grown)  # built from the old task's version 1, saved late
+    assert raised.value.code == ErrorCode.TASK_NOT_FOUND
+    live = loop.run(service.get(TENANT, old.task_id))
+    assert (live.version, live.name, live.incarnation) == (1, "new", other.incarnation)
+
+
 def test_freshness_check_serves_what_another_replica_wrote(loop: Loop, service: TaskService) -> None:
     task = created(loop, service, create_request(("cat", "dog"), 2))
 
@@ -165,6 +187,18 @@ def test_freshness_check_serves_what_another_replica_wrote(loop: Loop, service: 
     with pytest.raises(AppError) as raised:
         fresh.get(task.key)
     assert raised.value.code == ErrorCode.TASK_NOT_FOUND
+
+
+def test_freshness_check_sees_a_task_created_again_at_the_cached_version(loop: Loop, service: TaskService) -> None:
+    old = created(loop, service, create_request(("cat", "dog"), 2))
+    other = created(loop, service, create_request(("cat", "dog"), 2))
+    store = LocalDirStore(service.settings.data_dir / "tasks")
+    fresh = TaskRegistry(store, from_snapshot, to_snapshot, model_id=old.model_id, check_freshness=True)
+    assert fresh.get(old.key).incarnation == old.incarnation  # cached at version 1
+    loop.run(service.delete(TENANT, old.task_id))
+    service.registry.save(dataclasses.replace(other, task_id=old.task_id, name="new"))  # version 1 again
+    served = fresh.get(old.key)
+    assert (served.version, served.name, served.incarnation) == (1, "new", other.incarnation)
 
 
 READERS = 8

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stores import postgres_server
-from tests.stores.postgres_server import PostgresServer, PostgresUnavailableError
+from benchmarks import postgres_server
+from benchmarks.postgres_server import PostgresServer, PostgresUnavailableError
 
 
 def start_or_skip() -> PostgresServer:

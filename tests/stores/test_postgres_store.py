@@ -18,13 +18,13 @@ import psycopg
 import pytest
 
 from app.settings import Settings
-from app.store import LocalDirStore, TaskSnapshot
+from app.store import LocalDirStore, TaskSnapshot, VersionConflict
 from app.store.base import StoreUnavailable
 from app.store.factory import describe_store, open_store
 from app.store.postgres import PostgresStore, describe_url
 from app.store.postgres_schema import LATEST, SchemaTooNewError
-from tests.stores.postgres_server import PostgresServer
-from tests.stores.snapshots import assert_identical
+from benchmarks.postgres_server import PostgresServer
+from tests.stores.snapshots import assert_identical, make_snapshot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +89,25 @@ def test_migrations_run_once_even_when_replicas_start_together(postgres_url: str
     assert rows(postgres_url, "SELECT version FROM shotcache_migrations ORDER BY version") == [
         (n,) for n in range(1, LATEST + 1)
     ]
+
+
+def test_tasks_stored_before_the_incarnation_migration_load_and_update(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    store.save(make_snapshot(1))
+    store.close()
+    # The database as a shotcache before migration 3 left it: no incarnation column at all.
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE shotcache_task DROP COLUMN incarnation")
+        conn.execute("DELETE FROM shotcache_migrations WHERE version = 3")
+    store = PostgresStore(postgres_url)  # migrates again: the old row gets a NULL incarnation
+    try:
+        assert_identical(store.load("acme", "cats"), make_snapshot(1))
+        store.save(make_snapshot(2))  # its updates carry none, as before
+        assert_identical(store.load("acme", "cats"), make_snapshot(2))
+        with pytest.raises(VersionConflict, match="deleted and created again"):
+            store.save(make_snapshot(3, incarnation="another"))
+    finally:
+        store.close()
 
 
 def test_a_database_migrated_by_a_newer_shotcache_is_refused(postgres_url: str) -> None:

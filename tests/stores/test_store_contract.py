@@ -168,6 +168,16 @@ def test_an_update_of_a_deleted_task_is_refused_and_does_not_bring_it_back(backe
     assert store.live_version("acme", "cats") == 1
 
 
+def save_at(barrier: threading.Barrier, store: TaskStore, snapshot: TaskSnapshot, outcome: list[str]) -> None:
+    """Save `snapshot` once the other side of `barrier` is there too; record how it went."""
+    barrier.wait(10)
+    try:
+        store.save(snapshot)
+        outcome.append("saved")
+    except VersionConflict as conflict:
+        outcome.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
+
+
 def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Backend, store: TaskStore) -> None:
     deleter = backend.open() if backend.shared else store
     outcomes = []
@@ -177,15 +187,7 @@ def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Ba
         barrier = threading.Barrier(2)
         saved: list[str] = []
 
-        def save(task_id: str = task_id, saved: list[str] = saved, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait(10)
-            try:
-                store.save(make_snapshot(2, task_id=task_id))
-                saved.append("saved")
-            except VersionConflict as conflict:
-                saved.append("refused" if conflict.live is None else f"conflict with live {conflict.live}")
-
-        saver = threading.Thread(target=save)
+        saver = threading.Thread(target=save_at, args=(barrier, store, make_snapshot(2, task_id=task_id), saved))
         saver.start()
         barrier.wait(10)
         assert deleter.delete("acme", task_id) is True  # it existed: at version 1 or 2
@@ -196,6 +198,68 @@ def test_a_save_racing_a_delete_either_lands_before_it_or_is_refused(backend: Ba
         assert deleter.live_version("acme", task_id) is None
     assert backend.residue() == []
     assert set(outcomes) <= {"saved", "refused"}
+
+
+def test_an_update_built_before_a_delete_and_re_create_does_not_change_the_new_task(
+    backend: Backend, store: TaskStore
+) -> None:
+    store.save(make_snapshot(1, incarnation="old"))
+    other = backend.open() if backend.shared else store  # another replica, for a shared backend
+    assert other.delete("acme", "cats") is True
+    other.save(make_snapshot(1, incarnation="new"))  # the same id, another task
+    with pytest.raises(VersionConflict, match="deleted and created again") as raised:
+        store.save(make_snapshot(2, incarnation="old"))  # built from the old task's version 1
+    assert raised.value.live is None
+    assert store.live_head("acme", "cats") == (1, "new")
+    assert_identical(backend.open().load("acme", "cats"), make_snapshot(1, incarnation="new"))
+    with pytest.raises(VersionConflict, match="deleted and created again"):  # however far ahead it is
+        store.save(make_snapshot(5, incarnation="old"))
+    store.save(make_snapshot(2, incarnation="new"))  # the new task's own updates go through
+    assert_identical(backend.open().load("acme", "cats"), make_snapshot(2, incarnation="new"))
+    assert backend.beyond_live("acme", "cats", 2) == []
+
+
+def test_tasks_without_an_incarnation_keep_working_and_refuse_another_ones_update(
+    backend: Backend, store: TaskStore
+) -> None:
+    # A task stored before incarnations existed has none; its updates carry none.
+    store.save(make_snapshot(1))
+    store.save(make_snapshot(2))
+    assert store.live_head("acme", "cats") == (2, None)
+    assert_identical(backend.open().load("acme", "cats"), make_snapshot(2))
+    with pytest.raises(VersionConflict, match="deleted and created again"):
+        store.save(make_snapshot(3, incarnation="other"))
+    assert store.live_version("acme", "cats") == 2
+
+
+def test_a_late_update_racing_a_delete_and_re_create_never_changes_the_new_task(
+    backend: Backend, store: TaskStore
+) -> None:
+    other = backend.open() if backend.shared else store
+    outcomes = []
+    for round_number in range(20):
+        task_id = f"race{round_number}"
+        store.save(make_snapshot(1, task_id=task_id, incarnation=f"old{round_number}"))
+        barrier = threading.Barrier(2)
+        saved: list[str] = []
+        late = make_snapshot(2, task_id=task_id, incarnation=f"old{round_number}")
+        saver = threading.Thread(target=save_at, args=(barrier, store, late, saved))
+        saver.start()
+        barrier.wait(10)
+        assert other.delete("acme", task_id) is True  # it existed: at version 1 or 2
+        new = make_snapshot(1, task_id=task_id, incarnation=f"new{round_number}")
+        try:
+            other.save(new)
+        except VersionConflict:  # the late update recreated the id between the delete and this create
+            outcomes.append("recreated by the late update")
+            saver.join(30)
+            continue
+        saver.join(30)
+        outcomes.append(saved[0])
+        # Whichever came first, the new task is exactly what its creator saved.
+        assert_identical(backend.open().load("acme", task_id), new)
+        assert backend.beyond_live("acme", task_id, 1) == []
+    assert set(outcomes) <= {"saved", "refused"}, outcomes
 
 
 # --- damage is reported, never raised from load_all ------------------------------------------------

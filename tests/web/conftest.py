@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dataset_dir, link_model
-from tests.reliability.server import Server
+from benchmarks.server_process import Server, link_model
+from tests.conftest import dataset_dir
 
 ALICE_KEY = "alice-web-key-01"
 # Three classes the stand-in tells apart well from a few shots (cifar10-mini).

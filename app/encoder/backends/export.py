@@ -170,7 +170,8 @@ def _build(loaded: LoadedModel, backend: str, data_dir: Path, folder: Path, thre
             "versions": _versions(),
             "towers": {
                 name: {
-                    "file": t.path.name,
+                    # Relative to the folder: "../onnx/text.onnx" for a tower shared with the fp32 export.
+                    "file": os.path.relpath(t.path, tmp),
                     "sha256": _sha256(t.path),
                     "precision": t.precision,
                     "check": t.check,
@@ -249,17 +250,19 @@ def _quantize(
         check = verify(loaded, tower, path, threads)
     except Exception as exc:
         raise ExportError(f"quantize {tower} tower", f"{type(exc).__name__}: {exc}") from exc
+    # A tower that stays fp32 is the fp32 export's own file (the manifest names it by a relative path, with
+    # its checksum), not a copy of it: the stand-in's onnx-int8 folder held a 102 MB copy of onnx/.
     if quantized_nodes == 0:
-        shutil.copyfile(fp32.path, path)
-        return TowerExport(path, "fp32", fp32.check, f"no {'/'.join(QUANTIZED_OPS)} to quantize: runs fp32")
+        path.unlink()
+        return TowerExport(fp32.path, "fp32", fp32.check, f"no {'/'.join(QUANTIZED_OPS)} to quantize: runs fp32")
     if check["min_cosine"] >= INT8_MIN_COSINE:
         return TowerExport(path, "int8", check)
     problem = f"int8 {tower} tower is too far from torch ({describe(check)}; bound {INT8_MIN_COSINE})"
     if required:
         raise ExportError(f"verify int8 {tower} tower", problem)
     log.info("%s: keeping the fp32 %s tower", problem, tower)
-    shutil.copyfile(fp32.path, path)
-    return TowerExport(path, "fp32", fp32.check, f"int8 rejected: {describe(check)}")
+    path.unlink()
+    return TowerExport(fp32.path, "fp32", fp32.check, f"int8 rejected: {describe(check)}")
 
 
 def verify(loaded: LoadedModel, tower: Tower, path: Path, threads: int) -> dict[str, float]:

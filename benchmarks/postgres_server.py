@@ -1,4 +1,5 @@
-"""A real, throw-away PostgreSQL server for the tests: Debian's packages, a temp cluster, stopped by PID.
+"""A real, throw-away PostgreSQL server for the tests and `shotcache bench --only cluster`: Debian's packages,
+a temp cluster, stopped by PID (no pytest here: the tests' fixtures are in tests/stores/fixtures.py).
 
 `acquire()` installs the `postgresql` package if its binaries are missing (as root with apt-get; the
 install does not create or start Debian's own cluster), runs `initdb` as the `postgres` user on a temp

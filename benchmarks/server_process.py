@@ -1,13 +1,13 @@
 """The real `shotcache serve` process for every test and benchmark that needs one: start on a data dir
 (optionally on a shared store), wait until ready, SIGKILL or stop, restart on the same port, read its
-memory and its log. Used by the reliability tests (crash loop, load, backpressure), the web tests, the
-cluster tests' replicas and `shotcache bench --only cluster`.
+memory and its log; replicas on one PostgreSQL store. Used by the reliability tests (crash loop, load,
+backpressure), the web tests, the cluster tests and `shotcache bench` (served, cluster). Needs neither
+pytest nor the tests package.
 
-Started as `sys.executable -m app.cli serve --model offline` with PYTHONPATH at this checkout, so the
-server runs this worktree's code; every inherited SHOTCACHE_ variable is dropped and only `env` is set.
+Started as `sys.executable -m app.cli serve --model <model>` (default: offline) with PYTHONPATH at this
+checkout, so the server runs this worktree's code; every inherited SHOTCACHE_ variable is dropped and only `env` is set.
 Ports: `SHOTCACHE_TEST_PORTS=LOW-HIGH` confines them to a range (several checkouts testing side by side
-on one machine); else the kernel picks a free one. Importable without pytest (`python -m
-tests.reliability.crash_loop`, `... .load`, the benchmarks).
+on one machine); else the kernel picks a free one.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 300.0  # a cold start on a busy 2-core machine has taken 60 s; the usual is 12-20 s
 
 
@@ -48,20 +48,38 @@ def free_port(taken: set[int] = set()) -> int:  # noqa: B006 (on purpose: ports 
     raise RuntimeError(f"no free port in SHOTCACHE_TEST_PORTS={bounds}")
 
 
-def prepare_data_dir(data_dir: Path, model_data_dir: Path) -> None:
-    """A fresh data dir with the built stand-in model and its exports linked in (not rebuilt per server)."""
-    from tests.conftest import link_model
+def link_model(data_dir: Path, model_data_dir: Path) -> None:
+    """Link the built stand-in and its ONNX exports into a fresh data dir, so a server started on it
+    (in-process or a subprocess) neither rebuilds the model nor re-exports it."""
+    from app.encoder.standin import standin_dir
 
-    link_model(data_dir, model_data_dir)
+    link = standin_dir(data_dir)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(standin_dir(model_data_dir.resolve()), target_is_directory=True)
+    exports = model_data_dir.resolve() / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "exports").is_symlink():
+        (data_dir / "exports").symlink_to(exports, target_is_directory=True)
+
+
+prepare_data_dir = link_model  # what a server's data dir needs before its first start
 
 
 class Server:
-    """One `shotcache serve --model offline` process on 127.0.0.1; its output is appended to `log_path`."""
+    """One `shotcache serve --model <model>` process on 127.0.0.1; its output is appended to `log_path`."""
 
     def __init__(
-        self, data_dir: Path, log_path: Path, env: Mapping[str, str] | None = None, *, name: str = "server"
+        self,
+        data_dir: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        name: str = "server",
+        model: str = "offline",
     ) -> None:
         self.name = name
+        self.model = model
         self.data_dir = data_dir
         self.log_path = log_path
         self.env = {"SHOTCACHE_THREADS": "2", **(env or {})}
@@ -74,7 +92,7 @@ class Server:
         """Start the process (again, after a kill: same port, data dir and settings)."""
         clean = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
         clean.update({"PYTHONPATH": str(REPO), **self.env})
-        command = [sys.executable, "-m", "app.cli", "serve", "--model", "offline"]
+        command = [sys.executable, "-m", "app.cli", "serve", "--model", self.model]
         command += ["--data-dir", str(self.data_dir), "--port", str(self.port)]
         self.started_at = time.monotonic()
         with self.log_path.open("ab") as log:
@@ -130,6 +148,32 @@ class Server:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
+
+
+def replica(
+    name: str, root: Path, store_url: str, model_data_dir: Path, env: Mapping[str, str] | None = None
+) -> Server:
+    """Start (not wait for) replica `name` of a cluster on `store_url`, its data dir and log under `root`:
+    the offline stand-in linked in, one thread (two replicas share two cores)."""
+    data_dir = root / name / "data"
+    prepare_data_dir(data_dir, model_data_dir)
+    settings = {"SHOTCACHE_STORE": store_url, "SHOTCACHE_THREADS": "1", "SHOTCACHE_WORKERS": "2", **(env or {})}
+    return Server(data_dir, root / f"{name}.log", settings, name=name)
+
+
+def start_replicas(
+    names: Sequence[str], root: Path, store_url: str, model_data_dir: Path, env: Mapping[str, str] | None = None
+) -> list[Server]:
+    """Start replicas side by side (their model loads overlap) and wait until all are ready."""
+    replicas = [replica(name, root, store_url, model_data_dir, env) for name in names]
+    try:
+        for started in replicas:
+            started.wait_ready()
+    except BaseException:
+        for started in replicas:
+            started.kill()
+        raise
+    return replicas
 
 
 def rss_mb(pid: int) -> float:
