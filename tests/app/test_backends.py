@@ -61,11 +61,11 @@ def tiny_tokenizer(texts: list[str]) -> torch.Tensor:
     return torch.tensor([[ord(c) % 50 for c in f"{t:<12}"[:12]] for t in texts], dtype=torch.int64)
 
 
-def tiny_model(seed: int = 0) -> LoadedModel:
-    model = Tiny(seed).eval()
+def tiny_model(seed: int = 0, kind: type[Tiny] = Tiny, name: str = "tiny") -> LoadedModel:
+    model = kind(seed).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    identity = ModelIdentity("tiny", None, weights_sha256(model), 16)
+    identity = ModelIdentity(name, None, weights_sha256(model), 16)
     preprocess = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest")
     return LoadedModel(model, tiny_tokenizer, preprocess, identity, 10.0, "*")
 

@@ -15,8 +15,8 @@ import torch
 from app.encoder.backends import export
 from app.encoder.backends.cache import read_valid
 from app.encoder.exported import open_towers
-from app.encoder.load import LoadedModel, ModelIdentity, PreprocessConfig, weights_sha256
-from tests.app.test_backends import Tiny, tiny_encoder, tiny_model, tiny_tokenizer
+from app.encoder.load import LoadedModel
+from tests.app.test_backends import Tiny, tiny_encoder, tiny_model
 
 pytest.importorskip("openvino", reason="the `openvino` extra is not installed")
 
@@ -44,18 +44,7 @@ class TinyViT(Tiny):
 
 
 def tiny_vit(seed: int = 3) -> LoadedModel:
-    model = TinyViT(seed).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    identity = ModelIdentity("tiny-vit", None, weights_sha256(model), 16)
-    preprocess = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest")
-    return LoadedModel(model, tiny_tokenizer, preprocess, identity, 10.0, "*")
-
-
-def _through_layout(node: Any) -> Any:
-    while node.get_type_name() in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Convert"):
-        node = node.input_value(0).get_node()
-    return node
+    return tiny_model(seed, TinyViT, "tiny-vit")
 
 
 def test_int8_keeps_attention_output_projections_in_floating_point(tmp_path: Path) -> None:
@@ -73,7 +62,7 @@ def test_int8_keeps_attention_output_projections_in_floating_point(tmp_path: Pat
     assert "2 attention output projections" in str(found.image.note)
     quantized = openvino.Core().read_model(str(found.image.path))
     matmul_inputs = [
-        _through_layout(op.input_value(0).get_node()).get_type_name()
+        openvino_export.through_layout(op.input_value(0).get_node()).get_type_name()
         for op in quantized.get_ops()
         if op.get_type_name() == "MatMul"
     ]

@@ -224,9 +224,7 @@ def attention_output_projections(model: Any) -> list[str]:
     for op in model.get_ops():
         if op.get_type_name() != "MatMul":
             continue
-        node = op.input_value(0).get_node()
-        while node.get_type_name() in _LAYOUT_OPS:
-            node = node.input_value(0).get_node()
+        node = through_layout(op.input_value(0).get_node())
         if node.get_type_name() == "ScaledDotProductAttention" or (
             node.get_type_name() == "MatMul" and _feeds_from(node, "Softmax")
         ):
@@ -235,13 +233,14 @@ def attention_output_projections(model: Any) -> list[str]:
 
 
 def _feeds_from(node: Any, op_type: str) -> bool:
-    for value in node.input_values():
-        source = value.get_node()
-        while source.get_type_name() in _LAYOUT_OPS:
-            source = source.input_value(0).get_node()
-        if source.get_type_name() == op_type:
-            return True
-    return False
+    return any(through_layout(value.get_node()).get_type_name() == op_type for value in node.input_values())
+
+
+def through_layout(node: Any) -> Any:
+    """The first node above `node` that is not a reshape, transpose or convert."""
+    while node.get_type_name() in _LAYOUT_OPS:
+        node = node.input_value(0).get_node()
+    return node
 
 
 def _require(tower: Tower, check: dict[str, float], precision: str) -> None:
