@@ -21,6 +21,7 @@ from tests.app.test_backends import Tiny, tiny_encoder, tiny_model
 pytest.importorskip("openvino", reason="the `openvino` extra is not installed")
 
 from app.encoder.backends import openvino_export
+from app.encoder.backends.openvino_backend import OpenVinoTower
 
 
 class TinyViT(Tiny):
@@ -141,3 +142,43 @@ def test_int8_falls_back_to_the_generic_recipe_when_the_transformer_one_fails(
         "text.bin",
         "text.xml",
     ]
+
+
+def test_a_bf16_tower_below_autos_bound_is_exported_and_run_at_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-in's case: bf16 passes the export check's floor but not `auto`'s bf16 bound, so the tower is
+    kept at fp32 (still a candidate for `auto`) instead of a bf16 tower `auto` would drop, and the other tower,
+    whose bf16 passed, goes to fp32 with it."""
+    from app.encoder.choice import FIDELITY_MIN_COSINE
+
+    verify = openvino_export._verify
+    precisions = []
+
+    def bf16_a_little_off(loaded: LoadedModel, tower: Any, xml: Path, precision: str, threads: int) -> Any:
+        precisions.append((tower, precision))
+        check = dict(verify(loaded, tower, xml, precision, threads))
+        if precision == "bf16" and tower == "image":  # between the export floor and auto's bound
+            check["min_cosine"] = (openvino_export.LOW_PRECISION_MIN_COSINE + FIDELITY_MIN_COSINE["bf16"]) / 2
+        return check
+
+    monkeypatch.setattr(openvino_export, "supports_bf16", lambda: True)
+    monkeypatch.setattr(openvino_export, "_verify", bf16_a_little_off)
+    loaded = tiny_model(8)
+    found = export.ensure_export(loaded, "openvino", tmp_path)
+    assert precisions == [("text", "bf16"), ("image", "bf16"), ("image", "fp32"), ("text", "fp32")]
+    assert found.image.precision == found.text.precision == "fp32"
+    assert "bf16 rejected: min cosine 0.99450" in str(found.image.note)
+    assert "fp32 as the other tower" in str(found.text.note)
+    assert found.image.check["min_cosine"] >= 0.9999  # the fp32 runs' own checks
+    assert found.text.check["min_cosine"] >= 0.9999
+    image, text = open_towers(found, 1)
+    assert isinstance(image, OpenVinoTower)
+    assert isinstance(text, OpenVinoTower)
+    assert image.precision == text.precision == "fp32"  # compiled with the f32 inference hint
+    pixels = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    reference = tiny_encoder(loaded, "torch", tmp_path)._image_tower(pixels)
+    cosine = np.sum(image(pixels) * reference, axis=1) / (
+        np.linalg.norm(image(pixels), axis=1) * np.linalg.norm(reference, axis=1)
+    )
+    assert cosine.min() >= 0.9999

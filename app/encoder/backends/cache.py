@@ -23,8 +23,8 @@ OPENVINO_BACKENDS = ("openvino", "openvino-int8")  # the `openvino` extra
 EXPORTED_BACKENDS = ONNX_BACKENDS + OPENVINO_BACKENDS
 # The recipe version per backend: bump one when its recipe changes, and only that backend's older folders are
 # exported again. OpenVINO 2: converted from torch rather than from the ONNX file, int8 keeps attention outputs;
-# openvino-int8 3: its text tower with int8 weights.
-EXPORT_FORMATS = {"onnx": 1, "onnx-int8": 1, "openvino": 2, "openvino-int8": 3}
+# openvino-int8 3: its text tower with int8 weights; openvino 3: bf16 kept only at `auto`'s bf16 bound, else fp32.
+EXPORT_FORMATS = {"onnx": 1, "onnx-int8": 1, "openvino": 3, "openvino-int8": 3}
 INPUT_NAMES = {"image": "pixels", "text": "tokens"}
 
 Tower = Literal["image", "text"]
