@@ -232,6 +232,39 @@ def test_failing_export_falls_back_to_torch_with_a_warning(
     assert encoder.encode_pixels(np.zeros((1, 3, 16, 16), dtype=np.float32)).shape == (1, 16)
 
 
+def test_a_failed_export_check_is_recorded_and_not_redone_until_its_inputs_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def refused(loaded: LoadedModel, tower: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(tower)
+        raise export.ExportError("verify fp32 image tower", "too far from torch (min cosine 0.5)")
+
+    monkeypatch.setattr(export, "_export_fp32", refused)
+    loaded = tiny_model(9)
+    for _ in range(2):
+        with pytest.raises(export.ExportError, match="too far from torch") as raised:
+            export.ensure_export(loaded, "onnx", tmp_path)
+    assert calls == ["image"]  # the second start raised the recorded failure without exporting
+    assert raised.value.stage == "verify fp32 image tower"
+    record = export.failure_record(export.export_dir(loaded, "onnx", tmp_path))
+    assert str(record) in str(raised.value)
+    # Other weights are not blocked by it; a changed library (or recipe) retries.
+    with pytest.raises(export.ExportError):
+        export.ensure_export(tiny_model(10), "onnx", tmp_path)
+    assert calls == ["image", "image"]
+    versions = export._versions()
+    monkeypatch.setattr(export, "_versions", lambda: {**versions, "onnxruntime": "0.0-other"})
+    with pytest.raises(export.ExportError):
+        export.ensure_export(loaded, "onnx", tmp_path)
+    assert calls == ["image", "image", "image"]
+    # Once the export works, the record goes.
+    monkeypatch.undo()
+    assert export.ensure_export(loaded, "onnx", tmp_path).image.precision == "fp32"
+    assert not record.exists()
+
+
 def test_an_export_that_differs_from_torch_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -13,6 +13,7 @@ backend (the factory then falls back to torch).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -100,7 +101,56 @@ def ensure_export(loaded: LoadedModel, backend: str, data_dir: Path, *, threads:
             copied = _read_valid(folder, loaded)
             if isinstance(copied, Export):
                 return _remember(loaded, copied)
-        return _remember(loaded, _build(loaded, backend, data_dir, folder, threads))
+        failed = failure_record(folder)
+        recorded = _recorded_failure(failed, loaded, backend)
+        if recorded is not None:
+            raise recorded
+        try:
+            built = _build(loaded, backend, data_dir, folder, threads)
+        except ExportError as exc:
+            _record_failure(failed, loaded, backend, exc)
+            raise
+        failed.unlink(missing_ok=True)
+        return _remember(loaded, built)
+
+
+# ---- failed exports -----------------------------------------------------------------------------
+# An export that failed its check (ExportError: e.g. the stand-in's int8 OpenVINO image tower, 0.982 against a
+# bound of 0.99) fails the same way again for the same weights, recipe and libraries, after minutes of work
+# at every start that tries it (`auto` measuring a host). So the failure is recorded beside the folder and
+# raised again at once until one of those changes; deleting the record retries. Other errors (out of memory,
+# a full disk, an interrupt) are not recorded: they need not recur.
+def failure_record(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.failed.json")
+
+
+def _failure_key(loaded: LoadedModel, backend: str) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "format": EXPORT_FORMATS[backend],
+        "weights_sha256": loaded.identity.weights_sha256,
+        "versions": _versions(),
+    }
+
+
+def _recorded_failure(record: Path, loaded: LoadedModel, backend: str) -> ExportError | None:
+    try:
+        entry = json.loads(record.read_text())
+        if entry["key"] != _failure_key(loaded, backend):
+            return None
+        stage, detail = str(entry["stage"]), str(entry["detail"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    log.info("%s export of %s failed before (%s): not retried", backend, loaded.identity.model_id, record)
+    return ExportError(stage, f"{detail} (recorded in {record}: same weights, recipe, libraries; delete it to retry)")
+
+
+def _record_failure(record: Path, loaded: LoadedModel, backend: str, exc: ExportError) -> None:
+    entry = {"key": _failure_key(loaded, backend), "stage": exc.stage, "detail": exc.detail}
+    try:
+        record.write_text(json.dumps(entry, indent=2))
+    except OSError as error:
+        log.warning("could not record the failed %s export in %s: %s", backend, record, error)
 
 
 # ---- the cache ----------------------------------------------------------------------------------
@@ -307,10 +357,14 @@ def describe(check: dict[str, float]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    """The libraries an export's result depends on (OpenVINO and NNCF only where installed)."""
+    versions = {}
+    for package in ("torch", "onnx", "onnxruntime", "openvino", "nncf"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 @contextmanager
