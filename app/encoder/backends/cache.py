@@ -4,6 +4,8 @@ Layout: `<data_dir>/exports/<model key>/<backend>/{manifest.json, image.*, text.
 identity's `model_id` (name, pretrained tag, weights hash) made path-safe, and the manifest repeats the full
 weights hash, the format version and each file's SHA-256. A folder is used only if all of those match;
 anything else (a truncated file, a foreign model, an older format) is exported again (export.py, with torch).
+An export whose check failed leaves `<backend>.failed.json` beside the folder instead (export.py: not retried
+for the same weights, format and libraries).
 """
 
 from __future__ import annotations
