@@ -33,10 +33,12 @@ NOTES = """Notes on reading these tables:
   path that is faster but below it is listed here and not served. Real CLIP activations have outliers that
   random weights lack: int8 is riskier on real weights than these cosines say, bf16 (fp32's exponent range)
   much less so.
-- Served numbers: `shotcache serve` in a subprocess on the same cores as the httpx load generator; one
-  image per request; "outside encoder" is 1 - (encoder-call seconds / classify-request seconds), both from
-  the server's /metrics, at 1 client (every request is one encoder call). "of raw encoder" divides by the
-  encoder table's best call, on the backend the server runs, at batch 1 (1 client) or 8 (8 clients).
+- Served numbers: `shotcache serve` in a subprocess on the same cores as the load generator (one keep-alive
+  `http.client` connection per client thread, ~0.4-0.7 ms of its CPU per request; httpx, ~1.3-1.9 ms, until
+  2026-12-01: docs/benchmarks.md, request path); one image per request; "outside encoder" is
+  1 - (encoder-call seconds / classify-request seconds), both from the server's /metrics, at 1 client (every
+  request is one encoder call). "of raw encoder" divides by the encoder table's best call, on the backend the
+  server runs, at batch 1 (1 client) or 8 (8 clients).
 - Peak RSS includes ≈ 0.9 GB that `import torch, open_clip, transformers` costs before any model loads
   with the CUDA torch wheel of this venv (the Docker image's CPU wheel is smaller).
 """

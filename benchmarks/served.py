@@ -1,13 +1,17 @@
-"""The real service over HTTP: `shotcache serve` in a subprocess, driven by httpx threads.
+"""The real service over HTTP: `shotcache serve` in a subprocess, driven by client threads.
 
 Per server (model x backend): task build time per shot, classify throughput and p50/p99 latency at
 concurrency 1 and 8 (one image per request), the share of the server-side request time spent outside the
 encoder (from /metrics), the mean encoder batch, and the server's peak RSS (VmHWM). The load generator runs
-on the same cores as the server; its cost (~1 ms of CPU per request) is part of the numbers.
+on the same cores as the server, so its CPU is taken from the server's: each client thread keeps one
+HTTP/1.1 connection of the standard library's `http.client` open (about 0.4 ms of CPU per request here,
+against about 1 ms for httpx, which the bench used before: docs/benchmarks.md, request path). Real clients
+run on other machines; what is left of the load generator's cost is still part of the numbers.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
 import shutil
@@ -16,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -131,19 +136,41 @@ def _image(pixels: Any) -> Any:
 
 
 BODIES = ("multipart", "raw")  # a one-image multipart form; the image as the body (Content-Type: image/jpeg)
+_BOUNDARY = "shotcache-bench-boundary"
 
 
-def _post_probe(client: httpx.Client, url: str, probe: bytes, body: str) -> httpx.Response:
+def multipart_image(data: bytes, filename: str = "probe.jpg") -> bytes:
+    """A form with one `images` file part (what `curl -F images=@probe.jpg` sends)."""
+    head = (
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{filename}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    )
+    return b"".join((head.encode(), data, f"\r\n--{_BOUNDARY}--\r\n".encode()))
+
+
+def connect(base: str, timeout: float = 120) -> http.client.HTTPConnection:
+    """One keep-alive connection to `base` (http://host:port)."""
+    parts = urlsplit(base)
+    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+
+
+def post_probe(connection: http.client.HTTPConnection, path: str, probe: bytes, body: str) -> int:
+    """POST one image (`body`: one of BODIES) on `connection`, read the whole answer; its status."""
     if body == "raw":
-        return client.post(url, content=probe, headers={"Content-Type": "image/jpeg"})
-    return client.post(url, files=[("images", ("probe.jpg", probe, "image/jpeg"))])
+        payload, content_type = probe, "image/jpeg"
+    else:
+        payload, content_type = multipart_image(probe), f"multipart/form-data; boundary={_BOUNDARY}"
+    connection.request("POST", path, body=payload, headers={"Content-Type": content_type})
+    response = connection.getresponse()
+    response.read()
+    return response.status
 
 
 def drive(
     base: str, task_id: str, probes: list[bytes], concurrency: int, seconds: float, body: str = "multipart"
 ) -> dict[str, Any]:
-    """`concurrency` threads each POSTing one-image classify requests (`body`: one of BODIES) back to back
-    for `seconds`."""
+    """`concurrency` threads, each on its own keep-alive connection, POSTing one-image classify requests
+    (`body`: one of BODIES) back to back for `seconds`."""
     latencies: list[float] = []
     failures: list[int] = []
     lock = threading.Lock()
@@ -151,23 +178,22 @@ def drive(
     start_barrier = threading.Barrier(concurrency + 1)
 
     def worker(offset: int) -> None:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            url = f"/v1/tasks/{task_id}/classify"
+        connection = connect(base)
+        try:
+            path = f"/v1/tasks/{task_id}/classify"
             i = offset
             for _ in range(2):  # warm-up: connection and the first batch
-                _post_probe(client, url, probes[i % len(probes)], body)
+                post_probe(connection, path, probes[i % len(probes)], body)
             start_barrier.wait()
             while time.perf_counter() < deadline[0]:
                 i += concurrency
                 t0 = time.perf_counter()
-                response = _post_probe(client, url, probes[i % len(probes)], body)
+                status = post_probe(connection, path, probes[i % len(probes)], body)
                 elapsed = time.perf_counter() - t0
                 with lock:
-                    (
-                        latencies.append(elapsed)
-                        if response.status_code == 200
-                        else failures.append(response.status_code)
-                    )
+                    latencies.append(elapsed) if status == 200 else failures.append(status)
+        finally:
+            connection.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     for thread in threads:

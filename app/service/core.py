@@ -9,9 +9,10 @@ and store I/O run on the service's own thread pools, encoding on the encoder que
 - `TaskRegistry` (registry.py) holds the tasks: a cache over the store, one lock, immutable values.
 - `RequestRules` (requests.py) checks each request once.
 - Pools: `classify` (decode + cache math of classify requests), `builds` (task builds), `io` (store reads
-  and deletes), so a long build never takes the threads classify needs. No exception for small tasks: the
-  inline path measured ~0.3 ms per request (docs/benchmarks.md), but a first use of another method fits it
-  (up to ~1 s), and that must never run on the event loop.
+  and deletes), so a long build never takes the threads classify needs. The cache math never runs on the
+  event loop (a first use of another method fits it, up to ~1 s). One exception to the pool: a small task's
+  already-fitted method predicts on the encoder thread when no other encoder work waits
+  (`_predict_on_encoder_thread`), saving a thread hand-off per request.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ T = TypeVar("T")
 # busy pool or a database that is down), and /readyz never waits more than READY_DEADLINE_S for it.
 READY_PING_S = 1.0
 READY_DEADLINE_S = 2.0
+# A task whose shots' features and class text take at most this many bytes is predicted on the encoder
+# thread when nothing else waits for the encoder (`_predict_on_encoder_thread`); 10 classes x 16 shots of
+# the stand-in (d = 1280) take 0.9 MB, and predicting one image against them ~60 us in-process.
+INLINE_PREDICT_MAX_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -330,9 +335,10 @@ class TaskService:
         return report
 
     def _classify_stages(self, task: Task, checked: CheckedClassify, answer: Future[builtins.list[Prediction]]) -> None:
-        """Decode + crop here (a classify-pool thread), encode on the queue, predict back on this pool, then
-        settle `answer`: the stages hand over to each other directly, so the event loop is woken once per
-        request instead of after every stage (docs/benchmarks.md, request path). Every failure ends in `answer`."""
+        """Decode + crop here (a classify-pool thread), encode on the queue, predict back on this pool (or on
+        the encoder thread: `_predict_on_encoder_thread`), then settle `answer`: the stages hand over to each
+        other directly, so the event loop is woken once per request instead of after every stage
+        (docs/benchmarks.md, request path). Every failure ends in `answer`."""
         if answer.cancelled():  # the client went away while this waited for a thread
             self.queue.withdraw()
             return
@@ -348,7 +354,7 @@ class TaskService:
             _settle(answer, exc)
             return
 
-        def predict(encoded: Future[FloatArray]) -> None:  # on the pool
+        def predict(encoded: Future[FloatArray]) -> None:  # on the pool or the encoder thread
             try:
                 _settle(answer, self._predict(task, encoded.result(), checked))
             except BaseException as exc:
@@ -356,11 +362,27 @@ class TaskService:
 
         def encoded(done: Future[FloatArray]) -> None:  # on the encoder thread
             try:
-                self._on_classify_pool(answer, predict, done)
+                if self._predict_on_encoder_thread(task, checked):
+                    predict(done)
+                else:
+                    self._on_classify_pool(answer, predict, done)
             except BaseException as exc:  # the pool is shut down
                 _settle(answer, exc)
 
         features.add_done_callback(encoded)
+
+    def _predict_on_encoder_thread(self, task: Task, checked: CheckedClassify) -> bool:
+        """Whether the encoder thread, where the features land, should predict itself instead of waking a
+        pool thread (one thread hand-off less per request: docs/benchmarks.md, request path). Only when it is
+        cheap and costs the encoder nothing: the method is fitted already (a first use fits it, up to ~1 s,
+        which must not stall the encoder), the task is small (its cache math is then well under a
+        millisecond) and the encoder has nothing else to do (under load, or for a batch of several requests,
+        the pool predicts while the encoder goes on)."""
+        return (
+            task.supports.nbytes <= INLINE_PREDICT_MAX_BYTES
+            and task.is_fitted(checked.method)
+            and not self.queue.has_other_work
+        )
 
     def _on_classify_pool(
         self, answer: Future[Any], fn: Callable[..., None], *args: Any, announced: bool = False

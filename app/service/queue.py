@@ -74,6 +74,7 @@ class EncoderQueue:
         self._max_wait = max_wait_ms / 1000.0
         self._lanes: dict[Lane, collections.deque[_Job]] = {lane: collections.deque() for lane in LANES}
         self._announced = 0  # jobs being prepared (decoded) that will be submitted soon
+        self._delivering = 0  # jobs of the batch whose results are being handed over
         self._cond = threading.Condition()
         self._stopping = False
         self._images_per_second = 20.0  # replaced by a moving average once batches run
@@ -95,6 +96,12 @@ class EncoderQueue:
     def images_per_second(self) -> float:
         """Measured image throughput (moving average), for Retry-After estimates."""
         return self._images_per_second
+
+    @property
+    def has_other_work(self) -> bool:
+        """Whether the encoder has work besides the one job whose result is being handed over: other jobs of
+        its batch, or jobs waiting or announced (a snapshot, read without the lock; for a result's callback)."""
+        return self._delivering > 1 or self._announced > 0 or any(self._lanes.values())
 
     def announce(self) -> None:
         """A job is being prepared: batches wait for it (up to `max_wait_ms`). Follow with
@@ -209,9 +216,13 @@ class EncoderQueue:
                 if elapsed > 0:
                     self._images_per_second = 0.8 * self._images_per_second + 0.2 * rows / elapsed
             row = 0
-            for job in batch:
-                job.future.set_result(features[row : row + job.size])
-                row += job.size
+            self._delivering = len(batch)  # read by the results' callbacks (`has_other_work`)
+            try:
+                for job in batch:
+                    job.future.set_result(features[row : row + job.size])
+                    row += job.size
+            finally:
+                self._delivering = 0
 
     def _batch_pixels(self, batch: Sequence[_Job]) -> Pixels:
         """The batch's pixels in one array: a lone pixels job as it is, else rows of the reused buffer."""

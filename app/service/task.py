@@ -115,6 +115,10 @@ class FittedMethods:
                 listener()
         return method
 
+    def has(self, name: str) -> bool:
+        """Whether `name` is fitted (`get` then fits nothing)."""
+        return name in self._methods
+
     def keep(self, method: CacheMethod) -> None:
         with self._lock:
             self._methods[method.name] = method
@@ -191,6 +195,11 @@ class Task:
             raise AppError(
                 ErrorCode.TASK_DAMAGED, f"task {self.task_id}: method {fit.name} cannot be fitted: {exc}"
             ) from None
+
+    def is_fitted(self, name: str | None = None) -> bool:
+        """Whether the method `name` (default: the task's) is fitted already: `model` and `classify` then fit
+        nothing (cheap to call from any thread)."""
+        return self.fitted.has(self.fits[name or self.method].name)
 
     @property
     def shot_features(self) -> FloatArray:
