@@ -219,12 +219,20 @@ class CacheMethod(ABC):
         where a rule needs it, the shots' geometry; cache_models.few_shot); None: leave-one-out's pick stands."""
         return None
 
-    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray) -> FloatArray:
-        """Logits of `support`'s `test` rows by this method refitted, its hyper-parameters kept, on the
-        `train` rows alone: one fold of `auto`'s shared-fold comparison (cache_models.selection). A
-        method whose fit needs more than the fold leaves it overrides this (GDA)."""
-        refit = type(self)(**self.hyperparams)
-        refit.fit_support(make_support(support.keys[train], support.labels[train], support.text, support.groups[train]))
+    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray, *, retune: bool = False) -> FloatArray:
+        """Logits of `support`'s `test` rows by this method refitted on the `train` rows alone: one fold
+        of `auto`'s shared-fold comparison (cache_models.selection). The refit keeps this method's
+        hyper-parameters, or with `retune` chooses its own on the fold exactly as `tune` does (from the
+        defaults, untuned values such as the scale kept), so the fold scores the method's whole
+        recipe, its hyper-parameter search included. A method whose fit needs more than the fold
+        leaves it overrides this (GDA)."""
+        fold = make_support(support.keys[train], support.labels[train], support.text, support.groups[train])
+        if retune:
+            refit = type(self)(**{k: v for k, v in self.hyperparams.items() if k not in self.tunable})
+            refit.tune_support(fold)
+        else:
+            refit = type(self)(**self.hyperparams)
+            refit.fit_support(fold)
         return refit.predict(support.keys[test])
 
     def _single_shot_fallback(self, support: Support) -> TuneReport | None:

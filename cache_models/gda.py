@@ -200,7 +200,7 @@ class GDA(CacheMethod):
     def _stages(self) -> Sequence[Sequence[str]]:
         return [("alpha",)]
 
-    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray) -> FloatArray:
+    def held_out_fold(self, support: Support, train: BoolArray, test: BoolArray, *, retune: bool = False) -> FloatArray:
         """One fold of `auto`'s comparison. When a scored class keeps a single shot in the fold (two
         shots per class: every fold), the fold alone has no within-class spread for that class and
         a plain refit's covariance is empty for all of them (GDA would score as zero-shot while the
@@ -211,7 +211,7 @@ class GDA(CacheMethod):
         train_support = make_support(support.keys[train], support.labels[train], support.text, support.groups[train])
         scored = np.unique(support.labels[test])
         if int(train_support.shots_per_class()[scored].min()) >= 2:
-            return super().held_out_fold(support, train, test)
+            return super().held_out_fold(support, train, test, retune=retune)
         means, _ = class_means(train_support)
         queries = support.keys[test]
         labels = support.labels[test]

@@ -19,10 +19,22 @@ zero-shot: each method scores a fold through `CacheMethod.held_out_fold`, and GD
 fold's one-shot means but takes the covariance from the residuals of every class except the scored
 one (the scored shot never enters what scores it; cache_models.gda, docs/benchmarks.md).
 
+Re-tuned folds at 4 shots: a method's hyper-parameters were chosen by leave-one-out on the whole
+support, the fold's held-out shots included, so a refit that keeps them scores optimistically, and the
+more so the larger the method's search (APE's ~500 grid points against GDA's 22) and the fewer the
+shots it was chosen on. When the fewest shots of a scored class is within RETUNE_SHOTS each fold
+therefore re-tunes every method on the fold's shots alone, exactly as `tune` would, so the held-out
+shots score the whole recipe, its search included. On train-split simulations (docs/benchmarks.md)
+it brought `auto` closer to the best method at 4 shots on both data sets, and not at 8 or 16 (the
+optimism shrinks with the shots; a search per fold costs more there). At 3 shots a fold leaves two
+shots per class, where `tune` switches to the few-shot rules: the fold would score another recipe
+than the task's (measured: worse on cifar10-mini), so 3 shots and fewer keep the plain refits.
+
 Cost: MAX_FOLDS refits of each method at its chosen values (no grid) and one prediction of every
-shot. Above MAX_COMPARED_CLASSES classes the comparison runs on a fixed-seed subset of that many
-classes (the same for every method, so still fair): a 1000-class task costs what a 64-class one does
-(measured in docs/benchmarks.md, "auto's comparison").
+shot; at 4 shots MAX_FOLDS full tunes per method instead (about 5-10x the refits; measured in
+docs/benchmarks.md, "`auto`"). Above MAX_COMPARED_CLASSES classes the comparison runs on a
+fixed-seed subset of that many classes (the same for every method, so still fair): a 1000-class
+task costs what a 64-class one does (measured in docs/benchmarks.md, "auto's comparison").
 """
 
 from __future__ import annotations
@@ -42,6 +54,11 @@ MAX_FOLDS = 4  # shot folds of the cross-method comparison (module docstring)
 # Tip-Adapter 50.9%) and 1.9 points behind the best (APE, 65.8%) on textile-defects: the smallest
 # worst-case loss of every method (APE 3.0, Tip-Adapter / Tip-X 3.4; docs/benchmarks.md).
 ONE_SHOT_CHOICE = "proker"
+# Fewest shots of a scored class (inclusive range) at which every method is re-tuned inside each fold
+# rather than refitted at the values it chose on the whole support (module docstring). From 4: a fold
+# then leaves every class 3 or more shots, above few_shot.FEW_SHOT_MAX, so the fold's tune follows the
+# same recipe (leave-one-out search) as the task's own; up to 4: where it was measured to pay.
+RETUNE_SHOTS = (4, 4)
 MAX_COMPARED_CLASSES = 64  # classes the comparison refits on at most (module docstring)
 _SEED = 0  # the class subset is deterministic: the same task always compares on the same classes
 
@@ -82,9 +99,20 @@ def class_subset(support: Support, classes: IntArray) -> Support:
     return make_support(support.keys[rows], labels, support.text[classes], support.groups[rows])
 
 
-def held_out_logits(method: CacheMethod, n_folds: int, classes: IntArray | None = None) -> tuple[IntArray, FloatArray]:
+def retunes_folds(support: Support) -> bool:
+    """Whether the comparison re-tunes every method inside each fold: when the fewest shots of a
+    scored class is within RETUNE_SHOTS (module docstring)."""
+    shots = support.shots_per_class()
+    shots = shots[shots >= 2]
+    return bool(shots.size) and RETUNE_SHOTS[0] <= int(shots.min()) <= RETUNE_SHOTS[1]
+
+
+def held_out_logits(
+    method: CacheMethod, n_folds: int, classes: IntArray | None = None, *, retune: bool = False
+) -> tuple[IntArray, FloatArray]:
     """(shot ids, logits [shots, C]): each shot of `classes` (default all) scored by the method
-    refitted without its fold on those classes alone.
+    refitted without its fold on those classes alone (with `retune`, its hyper-parameters chosen
+    again on the fold's shots: `CacheMethod.held_out_fold`).
 
     Rows of one shot (a per-view method's views) are averaged into one logit row per shot, so every
     method is scored on the same shots whatever its support looks like. Single-shot classes' shots
@@ -94,7 +122,7 @@ def held_out_logits(method: CacheMethod, n_folds: int, classes: IntArray | None 
     logits = np.empty((support.n_rows, support.n_classes), dtype=np.float32)
     for fold in range(n_folds):
         train, test = folds != fold, folds == fold
-        logits[test] = method.held_out_fold(support, train, test)
+        logits[test] = method.held_out_fold(support, train, test, retune=retune)
     held = folds >= 0
     shots, index, counts = np.unique(support.groups[held], return_inverse=True, return_counts=True)
     per_shot = np.zeros((shots.size, support.n_classes), dtype=np.float64)
@@ -117,9 +145,10 @@ def cross_method_scores(methods: Mapping[str, CacheMethod]) -> dict[str, tuple[f
     n_folds = min(fold_count(class_subset(m.support, classes)) for m in tuned.values())
     if n_folds == 0:
         return {}
+    retune = retunes_folds(class_subset(next(iter(tuned.values())).support, classes))
     out = {}
     for name, method in tuned.items():
-        shots, logits = held_out_logits(method, n_folds, classes)
+        shots, logits = held_out_logits(method, n_folds, classes, retune=retune)
         labels = shot_labels(class_subset(method.support, classes), shots)
         _, nll = fit_temperature(logits, labels)
         out[name] = (nll, float(np.mean(np.argmax(logits, axis=1) == labels)))

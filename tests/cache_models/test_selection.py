@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from cache_models import get_method, selection
+from cache_models import fit_temperature, get_method, selection
 from cache_models.base import CacheMethod, Support, make_support
 from cache_models.selection import (
     MAX_FOLDS,
@@ -200,3 +200,47 @@ def test_gda_with_two_shots_left_per_class_is_a_plain_refit() -> None:
         expected = reference.predict(support.keys[test])
         order = np.searchsorted(np.unique(support.groups), support.groups[test])
         np.testing.assert_allclose(logits[order], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_folds_are_retuned_at_four_shots_only() -> None:
+    for shots, expected in ((2, False), (3, False), (4, True), (5, False), (8, False)):
+        t = make_task(13, n_classes=3, shots=shots)
+        assert selection.retunes_folds(make_support(t.keys, t.labels, t.text, t.groups)) is expected, shots
+
+
+@pytest.mark.parametrize("name", ["tip-adapter", "ape", "gda", "proker"])
+def test_a_retuned_fold_is_the_method_tuned_on_the_fold_alone(name: str) -> None:
+    """With `retune` each fold's refit chooses its own hyper-parameters on the fold's shots, as `tune`
+    does from the defaults; the fold's held-out shots never enter that choice."""
+    method = _tuned(name, 14, n_classes=3, shots=4, dim=12)
+    support = method.support
+    shots, logits = held_out_logits(method, 4, retune=True)
+    folds = shot_folds(support, 4)
+    moved = False
+    for fold in range(4):
+        train = folds != fold
+        reference = get_method(name)(scale=20.0)
+        reference.tune(support.keys[train], support.labels[train], support.text, support.groups[train])
+        moved |= reference.hyperparams != method.hyperparams
+        rows = np.flatnonzero(folds == fold)
+        expected = reference.predict(support.keys[rows])
+        np.testing.assert_allclose(logits[np.searchsorted(shots, support.groups[rows])], expected, rtol=1e-5, atol=1e-5)
+    assert moved  # some fold chose other values than the whole support did: the retune is real
+
+
+def test_the_comparison_retunes_at_four_shots_and_refits_at_five() -> None:
+    for shots, retune in ((4, True), (5, False)):
+        t = make_task(15, n_classes=3, shots=shots, dim=12)
+        methods = {}
+        for name in ("zero-shot", "ape"):
+            m = get_method(name)(scale=20.0)
+            m.tune(t.keys, t.labels, t.text, t.groups)
+            methods[name] = m
+        scores = cross_method_scores(methods)
+        n_folds = min(MAX_FOLDS, shots)
+        ids, logits = held_out_logits(methods["ape"], n_folds, retune=retune)
+        labels = selection.shot_labels(methods["ape"].support, ids)
+        _, nll = fit_temperature(logits, labels)
+        assert scores["ape"][0] == pytest.approx(nll, abs=1e-6)
+        _, other = held_out_logits(methods["ape"], n_folds, retune=not retune)
+        assert not np.allclose(logits, other)  # the two kinds of fold differ here, so the check above can fail
