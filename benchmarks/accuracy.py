@@ -83,9 +83,10 @@ def backend_gaps(result: dict[str, Any]) -> list[tuple[str, str, str, float]]:
     for (dataset, backend), row in by_key.items():
         if backend in ("onnx", "torch") or (dataset, "onnx") not in by_key:
             continue
+        label = backend if row["used"] == backend else f"{backend} → {row['used']}"  # a fallback says so
         for method in result["methods"]:
             gap = row["accuracy"][method] - by_key[(dataset, "onnx")]["accuracy"][method]
-            out.append((dataset, backend, method, gap))
+            out.append((dataset, label, method, gap))
     return out
 
 

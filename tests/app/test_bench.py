@@ -75,11 +75,14 @@ def test_decode_cache_and_accuracy_sections(quick: BenchConfig, tmp_path: Path) 
     accuracy = bench_accuracy(quick)
     assert {(r["dataset"], r["backend"]) for r in accuracy["rows"]} == {("cifar10-mini", b) for b in BACKENDS}
     gaps = {(backend, method): gap for _, backend, method, gap in backend_gaps(accuracy)}
-    assert {backend for backend, _ in gaps} == set(BACKENDS) - {"onnx", "torch"}
-    assert gaps[("onnx-int8", "ape")] == gaps[("onnx-int8", "zero-shot")] == 0.0  # the same fp32 graph
+    used = {r["backend"]: r["used"] for r in accuracy["rows"]}
+    assert {backend.split(" → ")[0] for backend, _ in gaps} == set(BACKENDS) - {"onnx", "torch"}
+    int8 = "onnx-int8 → onnx"  # nothing to quantize in EfficientNet-Lite0: the same fp32 graph
+    assert used["onnx-int8"] == "onnx"
+    assert gaps[(int8, "ape")] == gaps[(int8, "zero-shot")] == 0.0
     text = report.render(_meta(quick), {"decode": decode, "cache": cache, "accuracy": accuracy})
     assert "### Accuracy per backend" in text
-    assert "stand-in onnx-int8 - fp32 accuracy" in text
+    assert "stand-in onnx-int8 → onnx - fp32 accuracy" in text
 
 
 def test_accuracy_section_skips_without_datasets(quick: BenchConfig, tmp_path: Path) -> None:
