@@ -31,10 +31,11 @@ shots per class, where `tune` switches to the few-shot rules: the fold would sco
 than the task's (measured: worse on cifar10-mini), so 3 shots and fewer keep the plain refits.
 
 Cost: MAX_FOLDS refits of each method at its chosen values (no grid) and one prediction of every
-shot; at 4 shots MAX_FOLDS full tunes per method instead (about 5-10x the refits; measured in
-docs/benchmarks.md, "`auto`"). Above MAX_COMPARED_CLASSES classes the comparison runs on a
-fixed-seed subset of that many classes (the same for every method, so still fair): a 1000-class
-task costs what a 64-class one does (measured in docs/benchmarks.md, "auto's comparison").
+shot; at 4 shots MAX_FOLDS full tunes per method instead (7-12x the refits, 1.6-3.7 s more for all six
+methods in a quiet window; measured in docs/benchmarks.md, "`auto`"). Above MAX_COMPARED_CLASSES
+classes the comparison runs on a fixed-seed subset of that many classes (the same for every method, so
+still fair): a 1000-class task costs what a 64-class one does (measured in docs/benchmarks.md, "auto's
+comparison").
 """
 
 from __future__ import annotations
