@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 
-from app.service.queue import EncoderQueue
+from app.service.queue import CONCURRENCY_WINDOW_S, FILL_WAIT_FRACTION, EncoderQueue
 
 MINUTE_MS = 60_000.0
+MINUTES_S = 600.0  # a fill wait bound no test outlives
 DIM = 4
 
 
@@ -170,3 +172,142 @@ def test_eval_pixels_is_normalised_eval_crops() -> None:
     assert cropped.shape == (1, 4, 4, 3)
     np.testing.assert_array_equal(cropped[0], np.asarray(prep.eval_crop(image)))
     np.testing.assert_allclose(prep.eval_pixels([image]), by_hand(cropped), rtol=1e-6, atol=1e-6)
+
+
+# ---- the concurrency-aware fill wait ------------------------------------------------------------
+class SteppedClock:
+    """Real monotonic time plus an offset the fake encoder moves: each encoder call 'takes' `call_s`
+    on this clock, whatever it takes on the wall clock, so the fill wait's bound is known exactly."""
+
+    def __init__(self, call_s: float) -> None:
+        self.call_s = call_s
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+class GatedEncoder(RecordingEncoder):
+    """Records batches; each call first waits for `gate` (when set up), then moves the clock on."""
+
+    def __init__(self, clock: SteppedClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def encode_pixels(self, pixels: Any) -> Any:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=10)
+        self.clock.offset += self.clock.call_s
+        return super().encode_pixels(pixels)
+
+
+def fill_queue(call_s: float, cap_s: float, max_batch: int = 8) -> tuple[EncoderQueue, GatedEncoder]:
+    clock = SteppedClock(call_s)
+    encoder = GatedEncoder(clock)
+    queue = EncoderQueue(
+        encoder,  # type: ignore[arg-type]
+        max_batch=max_batch,
+        max_wait_ms=0.0,
+        fill_wait_cap_s=cap_s,
+        clock=clock,
+    )
+    queue.start()
+    return queue, encoder
+
+
+def four_in_flight(queue: EncoderQueue, encoder: GatedEncoder) -> list[Any]:
+    """One job in the (gated) encoder and three queued behind it: recent concurrency 4. Releases the gate
+    once they are queued and returns the three queued jobs' futures."""
+    encoder.gate = threading.Event()
+    queue.submit(pixels(0.0))
+    assert encoder.entered.wait(timeout=10)
+    queued = [queue.submit(pixels(float(i))) for i in (1, 2, 3)]
+    assert queue.recent_concurrency() == 4
+    encoder.gate.set()
+    return queued
+
+
+def test_the_fill_wait_bound_is_a_capped_fraction_of_the_last_call() -> None:
+    for call_s, cap_s, bound in ((0.01, 0.030, FILL_WAIT_FRACTION * 0.01), (5.0, 0.030, 0.030), (5.0, 0.0, 0.0)):
+        queue, _ = fill_queue(call_s, cap_s)
+        try:
+            assert queue.fill_wait_bound_s == 0.0  # no call measured yet: the first batch never waits
+            queue.submit(pixels(1.0)).result(timeout=10)
+            # the call took `call_s` on the queue's clock plus the fake's real microseconds
+            assert queue.fill_wait_bound_s == pytest.approx(bound, abs=1e-3)
+            assert queue.fill_wait_bound_s <= cap_s
+        finally:
+            queue.stop()
+
+
+def test_jobs_arriving_during_the_fill_wait_join_the_batch() -> None:
+    queue, encoder = fill_queue(call_s=MINUTES_S, cap_s=MINUTES_S)  # a bound of minutes: only arrivals end it
+    try:
+        queued = four_in_flight(queue, encoder)
+        time.sleep(0.2)  # the worker has the three and waits for a fourth (recent concurrency 4)
+        assert not any(future.done() for future in queued)
+        last = queue.submit(pixels(4.0))
+        for i, future in enumerate([*queued, last], start=1):
+            assert future.result(timeout=10)[0, 0] == float(i)
+        assert encoder.batches == [1, 4]
+    finally:
+        queue.stop()
+
+
+def test_build_chunks_neither_count_as_concurrency_nor_wait_to_be_filled() -> None:
+    # bound of minutes: a bulk batch that waited, or a classify that waited for bulk "concurrency", would
+    # not answer within the 10 s allowed
+    queue, encoder = fill_queue(call_s=MINUTES_S, cap_s=MINUTES_S)
+    try:
+        encoder.gate = threading.Event()
+        first = queue.submit(pixels(0.0), bulk=True)
+        assert encoder.entered.wait(timeout=10)
+        chunks = [queue.submit(pixels(float(i)), bulk=True) for i in (1, 2, 3)]
+        assert queue.recent_concurrency() == 0
+        encoder.gate.set()
+        for i, future in enumerate([first, *chunks]):
+            assert future.result(timeout=10)[0, 0] == float(i)
+        assert queue.submit(pixels(9.0)).result(timeout=10)[0, 0] == 9.0
+        assert encoder.batches == [1, 3, 1]
+    finally:
+        queue.stop()
+
+
+def test_at_one_client_the_queue_never_waits() -> None:
+    # bound of minutes: a queue that waited would not answer within the 10 s allowed
+    queue, encoder = fill_queue(call_s=MINUTES_S, cap_s=MINUTES_S)
+    try:
+        for i in range(5):
+            assert queue.submit(pixels(float(i))).result(timeout=10)[0, 0] == float(i)
+            assert queue.recent_concurrency() == 1
+        assert encoder.batches == [1] * 5
+    finally:
+        queue.stop()
+
+
+def test_the_recent_concurrency_is_forgotten_after_its_window() -> None:
+    queue, encoder = fill_queue(call_s=0.0, cap_s=0.0)
+    try:
+        for future in four_in_flight(queue, encoder):
+            future.result(timeout=10)
+        assert queue.recent_concurrency() == 4
+        encoder.clock.offset += CONCURRENCY_WINDOW_S + 1.0
+        assert queue.recent_concurrency() == 0  # nothing in flight now, nothing seen within the window
+    finally:
+        queue.stop()
+
+
+def test_stopping_during_a_fill_wait_does_not_hang() -> None:
+    queue, encoder = fill_queue(call_s=MINUTES_S, cap_s=MINUTES_S)
+    queued = four_in_flight(queue, encoder)
+    time.sleep(0.2)  # the worker waits for a fourth job
+    assert not any(future.done() for future in queued)
+    stopper = threading.Thread(target=queue.stop)
+    stopper.start()
+    stopper.join(timeout=10)
+    assert not stopper.is_alive()
+    for i, future in enumerate(queued, start=1):  # the batch being filled is encoded, not dropped
+        assert future.result(timeout=10)[0, 0] == float(i)
