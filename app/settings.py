@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         description="Threads for torch, ONNX Runtime, FAISS and BLAS each (default: the CPU count).",
     )
     views: int = Field(1, ge=1, le=MAX_VIEWS, description="Default augmented views per support image.")
+    text_tower_idle_s: float = Field(
+        60,
+        ge=0,
+        description="An exported backend's text tower (ONNX Runtime, OpenVINO) is closed after this many seconds "
+        "without a build, and opened again by the next (~0.2 s): classify never uses it, and it is a large share "
+        "of a small model's memory. Closed right after the start's warm-up too. 0 keeps it open.",
+    )
 
     # --- storage -----------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Tasks, the stand-in model and exported backends live here.")

@@ -15,6 +15,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from .backends.base import ImageTower, TextTower
+from .backends.on_demand import OnDemandTextTower
 from .load import ModelIdentity, PreprocessConfig
 from .preprocess import Pixels, Preprocessor
 from .prompts import ClassPrompts, class_prompt_texts
@@ -111,6 +112,19 @@ class Encoder:
         return out
 
     # ---- text ---------------------------------------------------------------------------------
+    @property
+    def text_tower_state(self) -> dict[str, Any]:
+        """Whether the text tower's session is open, and after how long idle it closes (None: never)."""
+        tower = self._text_tower
+        if isinstance(tower, OnDemandTextTower):
+            return {"open": tower.is_open, "idle_close_s": tower.idle_s, "opens": tower.opens}
+        return {"open": True, "idle_close_s": None, "opens": 1}
+
+    def close_text_tower(self) -> bool:
+        """Close an on-demand text tower's session now (the next text call opens it again); whether it closed."""
+        tower = self._text_tower
+        return isinstance(tower, OnDemandTextTower) and tower.close()
+
     def tokenize(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
         return self._loaded.tokenize(texts)
 

@@ -8,7 +8,7 @@ otherwise the factory loads the model with torch, which writes them for the next
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from app.settings import Settings
 
 from .backends.base import ImageTower, TextTower
 from .backends.cache import EXPORTED_BACKENDS, OPENVINO_BACKENDS, Export, export_dir, read_valid
+from .backends.on_demand import OnDemandTextTower
 from .card import ModelCard, read_auto_record, read_card
 from .errors import EncoderLoadError
 from .load import ModelIdentity, ModelSource, PreprocessConfig, hub_reachable
@@ -87,15 +88,26 @@ def find_export(model: ExportedModel, backend: str, data_dir: Path) -> Export | 
     return read_valid(export_dir(model.identity, backend, data_dir), model.identity.weights_sha256)
 
 
-def open_towers(export: Export, threads: int) -> tuple[ImageTower, TextTower]:
-    """The runtime's sessions over a verified export: ONNX Runtime, or OpenVINO (the `openvino` extra)."""
+def open_towers(export: Export, threads: int, *, text_idle_s: float = 0.0) -> tuple[ImageTower, TextTower]:
+    """The runtime's sessions over a verified export: ONNX Runtime, or OpenVINO (the `openvino` extra). With
+    `text_idle_s` > 0 the text session is closed after that long without a call, and opened again by the next
+    (backends/on_demand.py)."""
+    image: ImageTower
+    text: TextTower
+    open_text: Callable[[Export, int], TextTower]
     if export.backend in OPENVINO_BACKENDS:
-        from .backends.openvino_backend import open_openvino_towers
+        from .backends.openvino_backend import open_openvino_text, open_openvino_towers
 
-        return open_openvino_towers(export, threads)
-    from .backends.onnx_backend import open_onnx_towers
+        image, text = open_openvino_towers(export, threads)
+        open_text = open_openvino_text
+    else:
+        from .backends.onnx_backend import open_onnx_text, open_onnx_towers
 
-    return open_onnx_towers(export, threads)
+        image, text = open_onnx_towers(export, threads)
+        open_text = open_onnx_text
+    if text_idle_s <= 0:
+        return image, text
+    return image, OnDemandTextTower(lambda: open_text(export, threads), text_idle_s, opened=text)
 
 
 def _resolve_source(settings: Settings) -> tuple[ModelSource, str | None] | str:

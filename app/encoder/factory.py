@@ -136,7 +136,9 @@ def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[
             from .backends.export import ensure_export
 
             return open_towers(
-                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads), settings.threads
+                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads),
+                settings.threads,
+                text_idle_s=settings.text_tower_idle_s,
             )
         except Exception as exc:  # ExportError, or whatever torch.onnx / onnxruntime raised (or a missing import)
             stage = exc.stage if isinstance(exc, ExportError) else "import"
@@ -211,7 +213,9 @@ def _auto_towers(loaded: LoadedModel, settings: Settings) -> tuple[ImageTower, T
     for backend in available_backends():
         try:
             towers = open_towers(
-                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads), settings.threads
+                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads),
+                settings.threads,
+                text_idle_s=settings.text_tower_idle_s,
             )
         except Exception as exc:  # ExportError, or what the runtime raised: the backend is just not a candidate
             log.info("auto: %s is not a candidate for %s: %s", backend, loaded.identity.model_id, exc)
@@ -273,7 +277,7 @@ def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
     if isinstance(export, str):
         return f"no usable {backend} export of {model.identity.model_id}: {export}"
     try:
-        image, text = open_towers(export, settings.threads)
+        image, text = open_towers(export, settings.threads, text_idle_s=settings.text_tower_idle_s)
     except ExportError as exc:
         return str(exc)
     if fallback is not None:
@@ -294,9 +298,11 @@ def encoder_for(loaded: LoadedModel, backend: str, settings: Settings) -> Encode
 
 
 def warm_up(encoder: Encoder) -> None:
-    """One image and one text through the towers, so the first request doesn't pay for lazy init."""
+    """One image and one text through the towers, so the first request doesn't pay for lazy init; then an
+    on-demand text tower is closed (the first build opens it again: backends/on_demand.py)."""
     import numpy as np
 
     size = encoder.input_size
     encoder.encode_pixels(np.zeros((1, 3, size, size), dtype=np.float32))
     encoder.encode_texts(["warm-up"])
+    encoder.close_text_tower()

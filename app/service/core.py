@@ -32,6 +32,7 @@ from app.encoder import Encoder
 from app.encoder.factory import ModelDefaults
 from app.encoder.preprocess import Crops
 from app.errors import AppError, ErrorCode
+from app.heap import release_freed_memory
 from app.images import ImageLimits
 from app.settings import MAX_VIEWS, Settings
 from app.store import TaskStore
@@ -42,7 +43,6 @@ from cache_models import METHODS
 from . import metrics
 from .admission import Admission, Permit
 from .builder import Progress, TaskBuilder
-from .heap import release_freed_memory
 from .persist import from_snapshot, to_snapshot
 from .queue import EncoderQueue, shutting_down
 from .registry import BuildStatus, Key, TaskRegistry
@@ -240,6 +240,8 @@ class TaskService:
                 "backend": self.encoder.backend,
                 # How `auto` chose it on this host (candidates' img/s and min cosine); None when configured.
                 "backend_choice": self.encoder.backend_choice,
+                # An exported text tower is open only around builds (backends/on_demand.py).
+                "text_tower": self.encoder.text_tower_state,
                 "logit_scale": self.encoder.logit_scale,
                 "input_size": self.encoder.input_size,
                 "standin": identity.is_standin,

@@ -34,13 +34,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from app.errors import AppError, ErrorCode, StaleVersion
+from app.heap import release_freed_memory
 from app.store import DamagedTask, DamagedTaskError, TaskSnapshot, TaskStore, VersionConflict
 from app.store.base import check_id
 from app.store.builds import BuildBoard
 
 from . import metrics
 from .build_tracking import BuildStatus, BuildTracking, Key
-from .heap import release_freed_memory
 from .task import Task
 
 __all__ = ["BuildStatus", "Key", "TaskRegistry"]

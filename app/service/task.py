@@ -25,11 +25,10 @@ from app import thumbnails
 from app.encoder import ClassPrompts
 from app.errors import AppError, ErrorCode
 from app.fewshot import TaskSupports
+from app.heap import release_freed_memory
 from cache_models import CacheMethod, get_method
 from cache_models.base import HyperValue
 from cache_models.evidence import nearest_shots
-
-from .heap import release_freed_memory
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]

@@ -22,6 +22,7 @@ from PIL import Image
 
 from app.encoder import create_encoder
 from app.encoder.backends import export
+from app.encoder.backends.on_demand import OnDemandTextTower
 from app.encoder.backends.onnx_backend import OnnxTower, load_onnx_towers
 from app.encoder.encoder import Encoder
 from app.encoder.factory import ModelDefaults, make_towers
@@ -311,7 +312,10 @@ def test_thread_settings_are_applied(tmp_path: Path) -> None:
     assert found["pools"]
     assert set(found["pools"]) == {1}
     image, text = make_towers(tiny_model(0), "onnx", Settings(data_dir=tmp_path, threads=3))
-    for tower in (image, text):
+    assert isinstance(text, OnDemandTextTower)  # closed when idle; each session it opens is made the same way
+    text.close()
+    text(np.zeros((1, 12), dtype=np.int64))
+    for tower in (image, text.current):
         assert isinstance(tower, OnnxTower)
         options = tower.session_options
         assert options.intra_op_num_threads == 3

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class OnnxTower:
         return result
 
 
+_Tower = TypeVar("_Tower", bound=OnnxTower)
+
+
 class OnnxImageTower(OnnxTower):
     def __call__(self, pixels: FloatArray) -> FloatArray:
         return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
@@ -80,13 +83,21 @@ def load_onnx_towers(
 
 def open_onnx_towers(export: Export, threads: int) -> tuple[OnnxImageTower, OnnxTextTower]:
     """ONNX Runtime sessions over a verified export (no torch needed)."""
-    backend = export.backend
-    try:
-        image = OnnxImageTower(export.image, INPUT_NAMES["image"], threads)
-        text = OnnxTextTower(export.text, INPUT_NAMES["text"], threads)
-    except Exception as exc:  # ORT raises its own exception types for unloadable models
-        raise ExportError("load", f"ONNX Runtime could not load {export.folder}: {exc}") from exc
+    image = _session(OnnxImageTower, export, "image", threads)
+    text = open_onnx_text(export, threads)
     for name, tower in (("image", export.image), ("text", export.text)):
         if tower.note:
-            log.info("%s %s tower: %s (%s)", backend, name, tower.precision, tower.note)
+            log.info("%s %s tower: %s (%s)", export.backend, name, tower.precision, tower.note)
     return image, text
+
+
+def open_onnx_text(export: Export, threads: int) -> OnnxTextTower:
+    """The text tower alone (on_demand.py opens it again after an idle spell)."""
+    return _session(OnnxTextTower, export, "text", threads)
+
+
+def _session(kind: type[_Tower], export: Export, tower: str, threads: int) -> _Tower:
+    try:
+        return kind(export.image if tower == "image" else export.text, INPUT_NAMES[tower], threads)
+    except Exception as exc:  # ORT raises its own exception types for unloadable models
+        raise ExportError("load", f"ONNX Runtime could not load the {tower} tower of {export.folder}: {exc}") from exc

@@ -9,7 +9,7 @@ call can use, and without pinning, because the cores are shared with decoding an
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -65,6 +65,9 @@ class OpenVinoTower:
         return out
 
 
+_Tower = TypeVar("_Tower", bound=OpenVinoTower)
+
+
 class OpenVinoImageTower(OpenVinoTower):
     def __call__(self, pixels: FloatArray) -> FloatArray:
         return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
@@ -76,10 +79,16 @@ class OpenVinoTextTower(OpenVinoTower):
 
 
 def open_openvino_towers(export: Export, threads: int) -> tuple[OpenVinoImageTower, OpenVinoTextTower]:
+    return _compiled(OpenVinoImageTower, export, "image", threads), open_openvino_text(export, threads)
+
+
+def open_openvino_text(export: Export, threads: int) -> OpenVinoTextTower:
+    """The text tower alone (on_demand.py opens it again after an idle spell)."""
+    return _compiled(OpenVinoTextTower, export, "text", threads)
+
+
+def _compiled(kind: type[_Tower], export: Export, tower: str, threads: int) -> _Tower:
     try:
-        return (
-            OpenVinoImageTower(export.image, export.backend, threads),
-            OpenVinoTextTower(export.text, export.backend, threads),
-        )
+        return kind(export.image if tower == "image" else export.text, export.backend, threads)
     except Exception as exc:  # OpenVINO raises RuntimeError with its own messages
-        raise ExportError("load", f"OpenVINO could not compile {export.folder}: {exc}") from exc
+        raise ExportError("load", f"OpenVINO could not compile the {tower} tower of {export.folder}: {exc}") from exc
