@@ -39,6 +39,7 @@ from app.settings import Settings
 ENCODER = "shotcache-encoder"
 FloatArray = npt.NDArray[np.float32]
 TokenArray = npt.NDArray[np.int64]
+CropArray = npt.NDArray[np.uint8]  # [n, S, S, 3] RGB crops (app/encoder/backends/crops.py)
 # Seconds a replica waits for the encoder deployment before the call fails (the request then fails with
 # the service's encoder error; Serve retries nothing by itself).
 CALL_TIMEOUT_S = 120.0
@@ -141,9 +142,9 @@ class EncoderDeployment:
         return self._encoder.tokenize(texts)
 
     @_batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def image_features(self, pixels: list[FloatArray], callers: list[str]) -> list[FloatArray]:
-        sizes = [int(p.shape[0]) for p in pixels]
-        features = await asyncio.to_thread(self._encoder.encode_pixels, np.concatenate(pixels))
+    async def image_features(self, crops: list[CropArray], callers: list[str]) -> list[FloatArray]:
+        sizes = [int(c.shape[0]) for c in crops]
+        features = await asyncio.to_thread(self._encoder.encode_crops, np.concatenate(crops))
         self._images.record(callers, sizes)
         return _split(features, sizes)
 
@@ -180,10 +181,11 @@ class _Remote:
 
 
 class RemoteImageTower(_Remote):
-    """Pixels to the encoder deployment, features back. Called from the core's encoder-queue thread."""
+    """uint8 crops to the encoder deployment (a quarter of float pixels' bytes), features back. Called from the
+    core's encoder-queue thread."""
 
-    def __call__(self, pixels: FloatArray) -> FloatArray:
-        result: FloatArray = self._handle.image_features.remote(pixels, self._caller).result(timeout_s=CALL_TIMEOUT_S)
+    def __call__(self, crops: CropArray) -> FloatArray:
+        result: FloatArray = self._handle.image_features.remote(crops, self._caller).result(timeout_s=CALL_TIMEOUT_S)
         return result
 
 

@@ -18,9 +18,11 @@ END = "<!-- END shotcache bench -->"
 
 NOTES = """Notes on reading these tables:
 - img/s (and every ms/image) is the fastest of repeated calls after a warm-up (at least 3 calls and 3 s per
-  cell): one encoder call (`Encoder.encode_pixels`) on preprocessed pixels; `x` is the ratio to eager torch
-  fp32 at the same batch size. On a shared machine the slower calls measure the neighbours, not the code
-  (eager torch suffers most: each of its many small parallel ops waits for the second core).
+  cell): one encoder call (`Encoder.encode_crops`) on uint8 crops, the tower's normalisation included (in
+  the graph for OpenVINO, numpy for torch and ONNX Runtime; runs before 2026-12-01 21:45 UTC timed normalised
+  float pixels, without it); `x` is the ratio to eager torch fp32 at the same batch size. On a shared
+  machine the slower calls measure the neighbours, not the code (eager torch suffers most: each of its many
+  small parallel ops waits for the second core).
 - `onnx-int8` quantizes MatMul/Gemm weights to int8 (ONNX Runtime dynamic quantization). Convolutions stay
   fp32: with Conv quantized too (ConvInteger) the stand-in's image tower ran ~10x slower than fp32 (4-6 vs
   45-52 img/s, one-off trial on this machine) with min cosine 0.977 to torch. The stand-in's image tower

@@ -122,13 +122,13 @@ def measure(
     """Time and check `candidates` (which must include the fp32 `REFERENCE`), pick the fastest eligible one."""
     if REFERENCE not in candidates:
         raise ValueError(f"the candidates must include the fp32 reference {REFERENCE!r}")
-    pixels = Preprocessor(preprocess).eval_pixels(generated_images(FIDELITY_IMAGES, FIDELITY_SEED))
+    crops = Preprocessor(preprocess).eval_crops(generated_images(FIDELITY_IMAGES, FIDELITY_SEED))
     ref_image, ref_text = candidates[REFERENCE]
-    want_image, want_text = ref_image(pixels), ref_text(tokens)
+    want_image, want_text = ref_image(crops), ref_text(tokens)
     report: dict[str, dict[str, Any]] = {}
     for name, (image, text) in candidates.items():
         checks = [
-            (_min_cosine(image(pixels), want_image), fidelity_bound(image)),
+            (_min_cosine(image(crops), want_image), fidelity_bound(image)),
             (_min_cosine(text(tokens), want_text), fidelity_bound(text)),
         ]
         report[name] = {
@@ -137,7 +137,7 @@ def measure(
             "eligible": all(cosine >= bound for cosine, bound in checks),
             "img_per_s": 0.0,
         }
-    batches = {b: np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:]))) for b in WORKLOAD}
+    batches = {b: np.ascontiguousarray(np.resize(crops, (b, *crops.shape[1:]))) for b in WORKLOAD}
     eligible = [n for n, r in report.items() if r["eligible"]]
     best: dict[str, float] = dict.fromkeys(eligible, 0.0)
     for name in eligible:  # one untimed round: first calls compile kernels and size buffers

@@ -17,7 +17,7 @@ from PIL import Image
 from .backends.base import ImageTower, TextTower
 from .backends.on_demand import OnDemandTextTower
 from .load import ModelIdentity, PreprocessConfig
-from .preprocess import Pixels, Preprocessor
+from .preprocess import Crops, Preprocessor
 from .prompts import ClassPrompts, class_prompt_texts
 
 FloatArray = npt.NDArray[np.float32]
@@ -93,14 +93,18 @@ class Encoder:
     def config_key(self) -> str:
         return self._loaded.config_key
 
-    # ---- images -------------------------------------------------------------------------------
-    def encode_pixels(self, pixels: Pixels) -> FloatArray:
-        """L2-normalised features [n, d] of preprocessed pixels, in batches of `batch_size`."""
-        out = np.empty((pixels.shape[0], self.dim), dtype=np.float32)
-        for start in range(0, pixels.shape[0], self._batch_size):
-            stop = min(start + self._batch_size, pixels.shape[0])
+    # ---- images ---------------------------------------------------------------------------------
+    def encode_crops(self, crops: Crops) -> FloatArray:
+        """L2-normalised features [n, d] of uint8 crops ([n, S, S, 3], the preprocessor's eval or view crops),
+        in batches of `batch_size`; the tower normalises them (backends/crops.py)."""
+        size = self.input_size
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+            raise ValueError(f"crops must be uint8 [n, {size}, {size}, 3], got {crops.dtype} {list(crops.shape)}")
+        out = np.empty((crops.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, crops.shape[0], self._batch_size):
+            stop = min(start + self._batch_size, crops.shape[0])
             with self._lock:
-                out[start:stop] = self._image_tower(np.ascontiguousarray(pixels[start:stop]))
+                out[start:stop] = self._image_tower(np.ascontiguousarray(crops[start:stop]))
         return l2_normalise(out)
 
     def encode_images(self, images: Sequence[Image.Image]) -> FloatArray:
@@ -108,7 +112,7 @@ class Encoder:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for start in range(0, len(images), self._batch_size):
             chunk = images[start : start + self._batch_size]
-            out[start : start + len(chunk)] = self.encode_pixels(self.preprocessor.eval_pixels(chunk))
+            out[start : start + len(chunk)] = self.encode_crops(self.preprocessor.eval_crops(chunk))
         return out
 
     # ---- text ---------------------------------------------------------------------------------

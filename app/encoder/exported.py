@@ -88,22 +88,24 @@ def find_export(model: ExportedModel, backend: str, data_dir: Path) -> Export | 
     return read_valid(export_dir(model.identity, backend, data_dir), model.identity.weights_sha256)
 
 
-def open_towers(export: Export, threads: int, *, text_idle_s: float = 0.0) -> tuple[ImageTower, TextTower]:
-    """The runtime's sessions over a verified export: ONNX Runtime, or OpenVINO (the `openvino` extra). With
-    `text_idle_s` > 0 the text session is closed after that long without a call, and opened again by the next
-    (backends/on_demand.py)."""
+def open_towers(
+    export: Export, threads: int, preprocess: PreprocessConfig, *, text_idle_s: float = 0.0
+) -> tuple[ImageTower, TextTower]:
+    """The runtime's sessions over a verified export: ONNX Runtime, or OpenVINO (the `openvino` extra); the
+    image tower takes uint8 crops normalised by `preprocess` (backends/crops.py). With `text_idle_s` > 0 the
+    text session is closed after that long without a call, and opened again by the next (backends/on_demand.py)."""
     image: ImageTower
     text: TextTower
     open_text: Callable[[Export, int], TextTower]
     if export.backend in OPENVINO_BACKENDS:
         from .backends.openvino_backend import open_openvino_text, open_openvino_towers
 
-        image, text = open_openvino_towers(export, threads)
+        image, text = open_openvino_towers(export, threads, preprocess)
         open_text = open_openvino_text
     else:
         from .backends.onnx_backend import open_onnx_text, open_onnx_towers
 
-        image, text = open_onnx_towers(export, threads)
+        image, text = open_onnx_towers(export, threads, preprocess)
         open_text = open_onnx_text
     if text_idle_s <= 0:
         return image, text

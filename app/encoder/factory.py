@@ -22,6 +22,7 @@ from .encoder import Encoder, ServedModel
 from .errors import EncoderLoadError
 from .exported import find_export, find_exported_model, open_towers, unreachable_reason
 from .load import LoadedModel, ModelSource, hub_reachable, load_model
+from .preprocess import Preprocessor
 from .prompts import template_set
 from .resources import read_config
 
@@ -127,10 +128,10 @@ def _hub_cache_has(source: ModelSource, cache_dir: Path) -> bool:
 def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[ImageTower, TextTower]:
     """The towers of `backend`. An ONNX backend that cannot be exported, verified or loaded falls back to
     torch with a warning naming the failed step; the towers' `name` then says `torch`."""
-    from .backends.torch_backend import TorchImageTower, TorchTextTower
+    from .backends.torch_backend import TorchTextTower
 
     if backend == "torch":
-        return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
+        return torch_image_tower(loaded), TorchTextTower(loaded.model)
     if backend in EXPORTED_BACKENDS:
         try:
             from .backends.export import ensure_export
@@ -138,6 +139,7 @@ def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[
             return open_towers(
                 ensure_export(loaded, backend, settings.data_dir, threads=settings.threads),
                 settings.threads,
+                loaded.preprocess,
                 text_idle_s=settings.text_tower_idle_s,
             )
         except Exception as exc:  # ExportError, or whatever torch.onnx / onnxruntime raised (or a missing import)
@@ -149,8 +151,16 @@ def make_towers(loaded: LoadedModel, backend: str, settings: Settings) -> tuple[
                 loaded.identity.model_id,
                 exc,
             )
-            return TorchImageTower(loaded.model), TorchTextTower(loaded.model)
+            return torch_image_tower(loaded), TorchTextTower(loaded.model)
     raise EncoderLoadError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+
+
+def torch_image_tower(loaded: LoadedModel) -> ImageTower:
+    """Eager torch fp32 behind the crops interface (backends/crops.py)."""
+    from .backends.crops import NormalisedInput
+    from .backends.torch_backend import TorchImageTower
+
+    return NormalisedInput(TorchImageTower(loaded.model), Preprocessor(loaded.preprocess))
 
 
 def create_encoder(settings: Settings, *, torch_free: bool = True) -> tuple[Encoder, str | None]:
@@ -215,6 +225,7 @@ def _auto_towers(loaded: LoadedModel, settings: Settings) -> tuple[ImageTower, T
             towers = open_towers(
                 ensure_export(loaded, backend, settings.data_dir, threads=settings.threads),
                 settings.threads,
+                loaded.preprocess,
                 text_idle_s=settings.text_tower_idle_s,
             )
         except Exception as exc:  # ExportError, or what the runtime raised: the backend is just not a candidate
@@ -277,7 +288,7 @@ def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
     if isinstance(export, str):
         return f"no usable {backend} export of {model.identity.model_id}: {export}"
     try:
-        image, text = open_towers(export, settings.threads, text_idle_s=settings.text_tower_idle_s)
+        image, text = open_towers(export, settings.threads, model.preprocess, text_idle_s=settings.text_tower_idle_s)
     except ExportError as exc:
         return str(exc)
     if fallback is not None:
@@ -303,6 +314,6 @@ def warm_up(encoder: Encoder) -> None:
     import numpy as np
 
     size = encoder.input_size
-    encoder.encode_pixels(np.zeros((1, 3, size, size), dtype=np.float32))
+    encoder.encode_crops(np.zeros((1, size, size, 3), dtype=np.uint8))
     encoder.encode_texts(["warm-up"])
     encoder.close_text_tower()

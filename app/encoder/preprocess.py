@@ -79,20 +79,24 @@ class Preprocessor:
             return image.resize((self.size, self.size), resample)
         return resize_center_crop(image, self.size, resample)
 
-    def view_pixels(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> Pixels:
-        """[n * views, 3, S, S]: rows i*views .. i*views+views-1 are image i's views.
+    def view_crops(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> Crops:
+        """[n * views, S, S, 3] uint8: rows i*views .. i*views+views-1 are image i's views.
 
         views == 1 is the eval transform (no randomness), as in the papers' 'no augmentation' setting.
         """
         if len(seeds) != len(images):
             raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         if views == 1:
-            return self.eval_pixels(images)
+            return self.eval_crops(images)
         crops: list[Image.Image] = []
         for image, seed in zip(images, seeds, strict=True):
             rng = np.random.default_rng(seed)
             crops.extend(random_resized_crop(image, self.size, rng) for _ in range(views))
-        return self.normalise(self._crops(crops))
+        return self._crops(crops)
+
+    def view_pixels(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> Pixels:
+        """`view_crops`, normalised: [n * views, 3, S, S]."""
+        return self.normalise(self.view_crops(images, views, seeds))
 
     def _crops(self, crops: Sequence[Image.Image]) -> Crops:
         out = np.empty((len(crops), self.size, self.size, 3), dtype=np.uint8)

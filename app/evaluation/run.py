@@ -96,7 +96,7 @@ def encode_dataset(
         images = load_images([p for p, _ in items], side)
         seeds = [seed * 1_000_003 + start + i for i in range(len(items))]
         train_views.append(
-            encode_views(encoder.encode_pixels, encoder.preprocessor, images, views, seeds, per_call=chunk)
+            encode_views(encoder.encode_crops, encoder.preprocessor, images, views, seeds, per_call=chunk)
         )
         bar.update(len(items))
     test = []

@@ -15,7 +15,7 @@ from PIL import Image
 
 from app import thumbnails
 from app.encoder import ClassPrompts, Encoder
-from app.encoder.preprocess import Pixels, Preprocessor
+from app.encoder.preprocess import Crops, Preprocessor
 from app.fewshot import fit_method, make_supports
 from app.images import ImageLimits, decode_image
 from app.store import new_incarnation
@@ -42,7 +42,7 @@ def shot_seed(task_id: str, index: int) -> int:
 
 
 def encode_views(
-    encode: Callable[[Pixels], FloatArray],
+    encode: Callable[[Crops], FloatArray],
     preprocessor: Preprocessor,
     images: Sequence[Image.Image],
     views: int,
@@ -58,7 +58,7 @@ def encode_views(
     parts = []
     for start in range(0, len(images), per_chunk):
         stop = min(start + per_chunk, len(images))
-        parts.append(encode(preprocessor.view_pixels(images[start:stop], views, seeds[start:stop])))
+        parts.append(encode(preprocessor.view_crops(images[start:stop], views, seeds[start:stop])))
         if progress is not None:
             progress(stop, len(images))
     return np.concatenate(parts)

@@ -99,9 +99,7 @@ class TaskService:
             max_side=settings.max_image_side,
             max_pixels=settings.max_image_pixels,
         )
-        self.queue = EncoderQueue(
-            encoder, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, preprocessor=encoder.preprocessor
-        )
+        self.queue = EncoderQueue(encoder, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.admission = Admission(
             max_builds=settings.max_pending_builds,
             max_classify_images=settings.queue_size,
@@ -351,7 +349,7 @@ class TaskService:
             _settle(answer, exc)
             return
         try:
-            features = self.queue.submit_crops(crops, announced=True)
+            features = self.queue.submit(crops, announced=True)
         except BaseException as exc:
             _settle(answer, exc)
             return

@@ -14,9 +14,10 @@ fraction of the last encoder call and capped; at one client the recent concurren
 Measured (quiet window, 8 clients, raw body): batches of 8 instead of 4, ViT-B-32 88 -> 112 img/s,
 the stand-in 108-115 -> 123-129; 1 client unchanged.
 
-Classify jobs come as uint8 crops (`submit_crops`): the worker normalises a batch of them into one float
-buffer it reuses for every call, instead of each request allocating (and page-faulting) its own float
-pixels and the worker concatenating them (docs/benchmarks.md, request path).
+Image jobs come as uint8 crops: a lone job's crops go to the encoder as they are, a batch of several is copied
+into one uint8 buffer the worker reuses, and the image tower normalises them (inside the OpenVINO graph, or
+into the tower's own reused float buffer: app/encoder/backends/crops.py), instead of each request allocating
+(and page-faulting) its own float pixels (docs/benchmarks.md, request path).
 
 Three lanes, served in this order: `interactive` (classify images), `text` (class prompts of a task
 being built), `bulk` (shot images of a task being built). So a big build slows classify down by at most
@@ -37,7 +38,7 @@ from typing import Literal
 import numpy as np
 
 from app.encoder import Encoder
-from app.encoder.preprocess import Crops, Pixels, Preprocessor
+from app.encoder.preprocess import Crops
 from app.errors import AppError, ErrorCode
 
 from . import metrics
@@ -67,15 +68,12 @@ CONCURRENCY_WINDOW_CALLS = 4
 @dataclass
 class _Job:
     lane: Lane
-    pixels: Pixels | None = None
-    crops: Crops | None = None  # normalised by the worker, into its batch buffer
+    crops: Crops | None = None
     texts: Sequence[str] = ()
     future: Future[FloatArray] = field(default_factory=Future)
 
     @property
     def size(self) -> int:
-        if self.pixels is not None:
-            return int(self.pixels.shape[0])
         if self.crops is not None:
             return int(self.crops.shape[0])
         return len(self.texts)
@@ -92,16 +90,13 @@ class EncoderQueue:
         *,
         max_batch: int,
         max_wait_ms: float,
-        preprocessor: Preprocessor | None = None,
         fill_wait_cap_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`preprocessor` normalises `submit_crops` jobs (None: only float pixels are accepted);
-        `fill_wait_cap_s` bounds the concurrency-aware fill wait (None: `FILL_WAIT_CAP_S`, 0: off);
+        """`fill_wait_cap_s` bounds the concurrency-aware fill wait (None: `FILL_WAIT_CAP_S`, 0: off);
         `clock` times encoder calls and waits (tests pass one they can move)."""
         self._encoder = encoder
-        self._preprocessor = preprocessor
-        self._buffer: Pixels | None = None  # the worker's batch of normalised pixels, reused
+        self._buffer: Crops | None = None  # the worker's batch of several jobs' crops, reused
         self._max_batch = max_batch
         self._max_wait = max_wait_ms / 1000.0
         self._lanes: dict[Lane, collections.deque[_Job]] = {lane: collections.deque() for lane in LANES}
@@ -167,24 +162,20 @@ class EncoderQueue:
             self._announced = max(0, self._announced - 1)
             self._cond.notify_all()
 
-    def submit(self, pixels: Pixels, *, bulk: bool = False, announced: bool = False) -> Future[FloatArray]:
-        """Queue `pixels` for encoding; the future resolves to their L2-normalised features."""
-        return self._put(_Job("bulk" if bulk else "interactive", pixels=pixels), announced=announced)
-
-    def submit_crops(self, crops: Crops, *, announced: bool = False) -> Future[FloatArray]:
-        """Queue uint8 crops (the preprocessor's `eval_crops`) on the interactive lane; the worker
-        normalises them. Resolves like `submit`."""
-        if self._preprocessor is None:
-            raise ValueError("this queue has no preprocessor: submit normalised pixels")
-        return self._put(_Job("interactive", crops=crops), announced=announced)
+    def submit(self, crops: Crops, *, bulk: bool = False, announced: bool = False) -> Future[FloatArray]:
+        """Queue uint8 crops ([n, S, S, 3], the preprocessor's eval or view crops) on the interactive lane (bulk:
+        a build's); the future resolves to their L2-normalised features."""
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
+            raise ValueError(f"crops must be uint8 [n, S, S, 3], got {crops.dtype} {crops.shape}")
+        return self._put(_Job("bulk" if bulk else "interactive", crops=crops), announced=announced)
 
     def submit_texts(self, texts: Sequence[str]) -> Future[FloatArray]:
         """Queue prompts for the text tower (the text lane); resolves to L2-normalised features."""
         return self._put(_Job("text", texts=list(texts)), announced=False)
 
-    def encode(self, pixels: Pixels, *, bulk: bool = False) -> FloatArray:
+    def encode(self, crops: Crops, *, bulk: bool = False) -> FloatArray:
         """Blocking form of `submit`, for worker threads."""
-        return self.submit(pixels, bulk=bulk).result()
+        return self.submit(crops, bulk=bulk).result()
 
     def encode_texts(self, texts: Sequence[str]) -> FloatArray:
         """Blocking form of `submit_texts`, for worker threads."""
@@ -261,9 +252,9 @@ class EncoderQueue:
                 if lane == "text":
                     features = self._encoder.encode_texts(batch[0].texts)
                 else:
-                    pixels = self._batch_pixels(batch)
-                    started = self._clock()  # the encoder call alone (normalising is not the encoder's)
-                    features = self._encoder.encode_pixels(pixels)
+                    crops = self._batch_crops(batch)
+                    started = self._clock()  # the encoder call: the tower's normalising and the model
+                    features = self._encoder.encode_crops(crops)
             except Exception as exc:  # the encoder failing must fail the jobs, not kill the worker
                 log.exception("encoder call failed for a %s batch of %d", lane, sum(j.size for j in batch))
                 self._finished(batch)
@@ -295,26 +286,20 @@ class EncoderQueue:
             with self._cond:
                 self._in_flight -= sum(job.size for job in batch)
 
-    def _batch_pixels(self, batch: Sequence[_Job]) -> Pixels:
-        """The batch's pixels in one array: a lone pixels job as it is, else rows of the reused buffer."""
-        if len(batch) == 1 and batch[0].pixels is not None:
-            return batch[0].pixels
+    def _batch_crops(self, batch: Sequence[_Job]) -> Crops:
+        """The batch's crops in one array: a lone job's as they are, else rows of the reused buffer."""
+        first = batch[0].crops
+        assert first is not None  # image lanes hold crops jobs only
+        if len(batch) == 1:
+            return first
         total = sum(job.size for job in batch)
-        shape = next(j.pixels.shape[1:] if j.pixels is not None else None for j in batch)
-        if shape is None:
-            assert self._preprocessor is not None  # submit_crops checked it
-            size = self._preprocessor.size
-            shape = (3, size, size)
+        shape = first.shape[1:]
         if self._buffer is None or self._buffer.shape[0] < total or self._buffer.shape[1:] != shape:
-            self._buffer = np.empty((max(total, self._max_batch), *shape), dtype=np.float32)
+            self._buffer = np.empty((max(total, self._max_batch), *shape), dtype=np.uint8)
         out = self._buffer[:total]
         row = 0
         for job in batch:
-            rows = out[row : row + job.size]
-            if job.crops is not None:
-                assert self._preprocessor is not None
-                self._preprocessor.normalise(job.crops, out=rows)
-            elif job.pixels is not None:
-                rows[...] = job.pixels
+            assert job.crops is not None
+            out[row : row + job.size] = job.crops
             row += job.size
         return out

@@ -21,20 +21,21 @@ DIM = 4
 
 
 class RecordingEncoder:
-    """Stands in for the encoder: returns each image's first pixel as its features, records batch sizes."""
+    """Stands in for the encoder: returns each image's first pixel value as its features, records batch sizes."""
 
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.lock = threading.Lock()
 
-    def encode_pixels(self, pixels: Any) -> Any:
+    def encode_crops(self, crops: Any) -> Any:
         with self.lock:
-            self.batches.append(int(pixels.shape[0]))
-        return np.repeat(pixels[:, :1, 0, 0], DIM, axis=1).astype(np.float32)
+            self.batches.append(int(crops.shape[0]))
+        return np.repeat(crops[:, 0, 0, :1], DIM, axis=1).astype(np.float32)
 
 
-def pixels(value: float, n: int = 1) -> Any:
-    return np.full((n, 3, 2, 2), value, dtype=np.float32)
+def pixels(value: int, n: int = 1) -> Any:
+    """`n` uint8 crops of one value (2 x 2 RGB)."""
+    return np.full((n, 2, 2, 3), value, dtype=np.uint8)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def queue_and_encoder() -> Any:
 
 def test_a_lone_job_is_encoded_without_waiting(queue_and_encoder: Any) -> None:
     queue, encoder = queue_and_encoder
-    features = queue.submit(pixels(3.0)).result(timeout=10)
+    features = queue.submit(pixels(3)).result(timeout=10)
     np.testing.assert_array_equal(features, np.full((1, DIM), 3.0, dtype=np.float32))
     assert encoder.batches == [1]
 
@@ -56,8 +57,8 @@ def test_a_lone_job_is_encoded_without_waiting(queue_and_encoder: Any) -> None:
 def test_a_batch_waits_for_an_announced_job(queue_and_encoder: Any) -> None:
     queue, encoder = queue_and_encoder
     queue.announce()  # job B is being decoded
-    first = queue.submit(pixels(1.0))  # job A: the worker takes it and waits for B
-    second = queue.submit(pixels(2.0), announced=True)
+    first = queue.submit(pixels(1))  # job A: the worker takes it and waits for B
+    second = queue.submit(pixels(2), announced=True)
     np.testing.assert_array_equal(first.result(timeout=10), np.full((1, DIM), 1.0, dtype=np.float32))
     np.testing.assert_array_equal(second.result(timeout=10), np.full((1, DIM), 2.0, dtype=np.float32))
     assert encoder.batches == [2]
@@ -66,29 +67,29 @@ def test_a_batch_waits_for_an_announced_job(queue_and_encoder: Any) -> None:
 def test_withdrawing_an_announced_job_releases_the_batch(queue_and_encoder: Any) -> None:
     queue, encoder = queue_and_encoder
     queue.announce()
-    first = queue.submit(pixels(1.0))
+    first = queue.submit(pixels(1))
     queue.withdraw()  # its decoding failed: nothing more is coming
     first.result(timeout=10)
     assert encoder.batches == [1]
-    assert queue.submit(pixels(5.0)).result(timeout=10)[0, 0] == 5.0  # and the count went back to zero
+    assert queue.submit(pixels(5)).result(timeout=10)[0, 0] == 5.0  # and the count went back to zero
     assert encoder.batches == [1, 1]
 
 
-# ---- uint8 crops, normalised by the worker into its reused batch buffer -----------------------------
+# ---- uint8 crops: a lone job's as they are, several jobs' in the worker's reused buffer ------------------
 MEAN = (0.48, 0.46, 0.41)
 STD = (0.27, 0.26, 0.28)
 
 
-class PixelsEncoder(RecordingEncoder):
-    """Also keeps a copy of every batch of pixels it was given (the queue reuses its buffer)."""
+class CropsEncoder(RecordingEncoder):
+    """Also keeps a copy of every batch of crops it was given (the queue reuses its buffer)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[Any] = []
 
-    def encode_pixels(self, pixels: Any) -> Any:
-        self.seen.append(np.array(pixels, copy=True))
-        return super().encode_pixels(pixels)
+    def encode_crops(self, crops: Any) -> Any:
+        self.seen.append(np.array(crops, copy=True))
+        return super().encode_crops(crops)
 
 
 def preprocessor(size: int = 2) -> Any:
@@ -113,53 +114,81 @@ def by_hand(batch: Any) -> Any:
 
 @pytest.fixture
 def crops_queue() -> Any:
-    encoder = PixelsEncoder()
-    queue = EncoderQueue(encoder, max_batch=4, max_wait_ms=MINUTE_MS, preprocessor=preprocessor())  # type: ignore[arg-type]
+    encoder = CropsEncoder()
+    queue = EncoderQueue(encoder, max_batch=4, max_wait_ms=MINUTE_MS)  # type: ignore[arg-type]
     queue.start()
     yield queue, encoder
     queue.stop()
 
 
-def test_crops_are_normalised_by_the_worker(crops_queue: Any) -> None:
+def test_a_lone_jobs_crops_reach_the_encoder_as_they_are(crops_queue: Any) -> None:
     queue, encoder = crops_queue
     a = crops(1)
-    features = queue.submit_crops(a).result(timeout=10)
-    np.testing.assert_allclose(encoder.seen[0], by_hand(a), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(features[:, 0], encoder.seen[0][:, 0, 0, 0])
+    features = queue.submit(a).result(timeout=10)
+    np.testing.assert_array_equal(encoder.seen[0], a)
+    np.testing.assert_array_equal(features[:, 0], a[:, 0, 0, 0])
 
 
-def test_a_batch_of_crops_and_pixels_gives_each_job_its_own_rows(crops_queue: Any) -> None:
+def test_a_batch_of_jobs_gives_each_job_its_own_rows(crops_queue: Any) -> None:
     queue, encoder = crops_queue
     a, b = crops(2, n=2), crops(3)
     queue.announce()
     queue.announce()
-    first = queue.submit_crops(a)
-    second = queue.submit(pixels(7.0), announced=True)
-    third = queue.submit_crops(b, announced=True)
+    first = queue.submit(a)
+    second = queue.submit(pixels(7), announced=True)
+    third = queue.submit(b, announced=True)
     got = [f.result(timeout=10) for f in (first, second, third)]
     assert encoder.batches == [4]
-    want = np.concatenate([by_hand(a), pixels(7.0), by_hand(b)])
-    np.testing.assert_allclose(encoder.seen[0], want, rtol=1e-6, atol=1e-6)
+    want = np.concatenate([a, pixels(7), b])
+    np.testing.assert_array_equal(encoder.seen[0], want)
     assert [g.shape[0] for g in got] == [2, 1, 1]
-    np.testing.assert_allclose(got[0][:, 0], want[:2, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(got[0][:, 0], a[:, 0, 0, 0])
     np.testing.assert_array_equal(got[1], np.full((1, DIM), 7.0, dtype=np.float32))
-    # The buffer is reused: a later, smaller batch sees only its own pixels.
-    c = crops(4)
-    queue.submit_crops(c).result(timeout=10)
-    np.testing.assert_allclose(encoder.seen[1], by_hand(c), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[2][:, 0], b[:, 0, 0, 0])
+    # The buffer is reused: a later batch of two jobs sees only its own crops.
+    c, d = crops(4), crops(5)
+    queue.announce()
+    first = queue.submit(c)
+    queue.submit(d, announced=True).result(timeout=10)
+    first.result(timeout=10)
+    np.testing.assert_array_equal(encoder.seen[1], np.concatenate([c, d]))
 
 
 def test_a_job_bigger_than_the_buffer_is_encoded_whole(crops_queue: Any) -> None:
     queue, encoder = crops_queue
     big = crops(5, n=6)  # max_batch is 4
-    assert queue.submit_crops(big).result(timeout=10).shape == (6, DIM)
-    np.testing.assert_allclose(encoder.seen[0], by_hand(big), rtol=1e-6, atol=1e-6)
+    assert queue.submit(big).result(timeout=10).shape == (6, DIM)
+    np.testing.assert_array_equal(encoder.seen[0], big)
 
 
-def test_a_queue_without_a_preprocessor_refuses_crops(queue_and_encoder: Any) -> None:
+def test_the_queue_refuses_what_is_not_uint8_crops(queue_and_encoder: Any) -> None:
     queue, _ = queue_and_encoder
-    with pytest.raises(ValueError, match="no preprocessor"):
-        queue.submit_crops(crops(6))
+    with pytest.raises(ValueError, match=r"crops must be uint8 \[n, S, S, 3\]"):
+        queue.submit(np.zeros((1, 3, 2, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="crops must be uint8"):
+        queue.submit(np.zeros((1, 2, 2, 3), dtype=np.float32))
+
+
+def test_normalised_input_gives_a_float_tower_torchvisions_pixels() -> None:
+    from app.encoder.backends.crops import NormalisedInput
+
+    seen: list[Any] = []
+
+    class FloatTower:
+        name = "float"
+
+        def __call__(self, pixels: Any) -> Any:
+            seen.append(np.array(pixels, copy=True))
+            return pixels[:, :, 0, 0]
+
+    tower = NormalisedInput(FloatTower(), preprocessor())
+    big, small = crops(8, n=3), crops(9, n=1)
+    tower(big)
+    tower(small)  # into the same buffer, only its own rows
+    np.testing.assert_allclose(seen[0], by_hand(big), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(seen[1], by_hand(small), rtol=1e-6, atol=1e-6)
+    assert tower.name == "float"
+    assert tower.precision == "fp32"
 
 
 def test_eval_pixels_is_normalised_eval_crops() -> None:
@@ -196,12 +225,12 @@ class GatedEncoder(RecordingEncoder):
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def encode_pixels(self, pixels: Any) -> Any:
+    def encode_crops(self, crops: Any) -> Any:
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(timeout=10)
         self.clock.offset += self.clock.call_s
-        return super().encode_pixels(pixels)
+        return super().encode_crops(crops)
 
 
 def fill_queue(call_s: float, cap_s: float, max_batch: int = 8) -> tuple[EncoderQueue, GatedEncoder]:
@@ -235,7 +264,7 @@ def test_the_fill_wait_bound_is_a_capped_fraction_of_the_last_call() -> None:
         queue, _ = fill_queue(call_s, cap_s)
         try:
             assert queue.fill_wait_bound_s == 0.0  # no call measured yet: the first batch never waits
-            queue.submit(pixels(1.0)).result(timeout=10)
+            queue.submit(pixels(1)).result(timeout=10)
             # the call took `call_s` on the queue's clock plus the fake's real microseconds
             assert queue.fill_wait_bound_s == pytest.approx(bound, abs=1e-3)
             assert queue.fill_wait_bound_s <= cap_s

@@ -42,7 +42,7 @@ class LocalHandle:
     """What a DeploymentHandle to the encoder deployment answers, computed by a local encoder."""
 
     def __init__(self, encoder: Any) -> None:
-        self.image_features = _Method(lambda pixels, _caller: encoder.encode_pixels(pixels))
+        self.image_features = _Method(lambda crops, _caller: encoder.encode_crops(crops))
         self.text_features = _Method(lambda tokens, _caller: encoder.encode_tokens(tokens))
         self.tokenize = _Method(encoder.tokenize)
 
@@ -68,8 +68,9 @@ def test_the_remote_encoder_gives_the_local_encoders_features(encoder: Any, mode
     assert fallback is None
     assert remote.backend == f"ray-encoder:{encoder.backend}"
     assert remote.identity == encoder.identity
-    pixels = np.random.default_rng(0).normal(size=(6, 3, encoder.input_size, encoder.input_size)).astype(np.float32)
-    np.testing.assert_allclose(remote.encode_pixels(pixels), encoder.encode_pixels(pixels), atol=1e-6)
+    size = encoder.input_size
+    crops = np.random.default_rng(0).integers(0, 256, (6, size, size, 3), dtype=np.uint8)
+    np.testing.assert_allclose(remote.encode_crops(crops), encoder.encode_crops(crops), atol=1e-6)
     assert [args[0].shape[0] for args in handle.image_features.calls] == [4, 2]  # the replica's batch size
     assert {args[1] for args in handle.image_features.calls} == {"replica-1"}
     classes = [ClassPrompts("cat"), ClassPrompts("dog")]

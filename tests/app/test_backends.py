@@ -22,6 +22,7 @@ from PIL import Image
 
 from app.encoder import create_encoder
 from app.encoder.backends import export
+from app.encoder.backends.crops import NormalisedInput
 from app.encoder.backends.on_demand import OnDemandTextTower
 from app.encoder.backends.onnx_backend import OnnxTower, load_onnx_towers
 from app.encoder.encoder import Encoder
@@ -157,8 +158,8 @@ def test_int8_export_quantizes_matmuls_and_stays_close(tmp_path: Path) -> None:
     assert found.image.precision == "int8"
     assert found.image.check["min_cosine"] >= export.INT8_MIN_COSINE
     reference = tiny_encoder(loaded, "torch", tmp_path)
-    pixels = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
-    cosine = np.sum(reference.encode_pixels(pixels) * encoder.encode_pixels(pixels), axis=1)
+    crops = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    cosine = np.sum(reference.encode_crops(crops) * encoder.encode_crops(crops), axis=1)
     assert cosine.min() >= export.INT8_MIN_COSINE
 
 
@@ -179,7 +180,7 @@ def test_damaged_export_is_detected_and_redone(tmp_path: Path, damage: str) -> N
     image, _, again = load_onnx_towers(loaded, "onnx", tmp_path, 1)
     assert export.exports_made() == before + 1
     assert not isinstance(export._read_valid(again.folder, loaded), str)
-    assert image(np.zeros((1, 3, 16, 16), dtype=np.float32)).shape == (1, 16)
+    assert image(np.zeros((1, 16, 16, 3), dtype=np.uint8)).shape == (1, 16)
 
 
 def test_a_second_data_dir_copies_this_process_export(tmp_path: Path) -> None:
@@ -230,7 +231,7 @@ def test_failing_export_falls_back_to_torch_with_a_warning(
     assert "FALLING BACK TO TORCH" in warning
     assert "export image tower" in warning
     assert "unsupported operator" in warning
-    assert encoder.encode_pixels(np.zeros((1, 3, 16, 16), dtype=np.float32)).shape == (1, 16)
+    assert encoder.encode_crops(np.zeros((1, 16, 16, 3), dtype=np.uint8)).shape == (1, 16)
 
 
 def test_a_failed_export_check_is_recorded_and_not_redone_until_its_inputs_change(
@@ -315,7 +316,8 @@ def test_thread_settings_are_applied(tmp_path: Path) -> None:
     assert isinstance(text, OnDemandTextTower)  # closed when idle; each session it opens is made the same way
     text.close()
     text(np.zeros((1, 12), dtype=np.int64))
-    for tower in (image, text.current):
+    assert isinstance(image, NormalisedInput)  # ONNX Runtime takes normalised pixels: crops.py adapts it
+    for tower in (image.tower, text.current):
         assert isinstance(tower, OnnxTower)
         options = tower.session_options
         assert options.intra_op_num_threads == 3
@@ -336,9 +338,9 @@ def test_an_int8_tower_left_in_fp32_is_the_fp32_file_not_a_copy(
     assert sorted(p.name for p in int8.folder.iterdir()) == [export.MANIFEST]  # no copy of either graph
     # A later start reads it back as valid and serves exactly the fp32 features.
     assert not isinstance(export._read_valid(int8.folder, loaded), str)
-    pixels = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    served = tiny_encoder(loaded, "onnx-int8", tmp_path).encode_pixels(pixels)
-    assert served.tobytes() == tiny_encoder(loaded, "onnx", tmp_path).encode_pixels(pixels).tobytes()
+    crops = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    served = tiny_encoder(loaded, "onnx-int8", tmp_path).encode_crops(crops)
+    assert served.tobytes() == tiny_encoder(loaded, "onnx", tmp_path).encode_crops(crops).tobytes()
     # If the fp32 file changes, the int8 folder no longer checks out (and is exported again).
     fp32.image.path.write_bytes(fp32.image.path.read_bytes()[:1000])
     assert "does not match its checksum" in str(export._read_valid(int8.folder, loaded))

@@ -48,7 +48,7 @@ def test_encoding_is_deterministic_and_batch_independent(encoder: Encoder) -> No
 
 
 def views_of(encoder: Encoder, images: list[Image.Image], views: int, seeds: list[int]) -> npt.NDArray[np.float32]:
-    return encode_views(encoder.encode_pixels, encoder.preprocessor, images, views, seeds, per_call=32)
+    return encode_views(encoder.encode_crops, encoder.preprocessor, images, views, seeds, per_call=32)
 
 
 def test_views_are_seeded_per_image_and_differ_from_each_other(encoder: Encoder) -> None:

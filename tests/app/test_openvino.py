@@ -94,8 +94,8 @@ def test_openvino_export_is_close_to_torch_cached_and_checked(tmp_path: Path) ->
     encoder = tiny_encoder(loaded, "openvino", tmp_path)
     assert encoder.backend == "openvino"
     reference = tiny_encoder(loaded, "torch", tmp_path)
-    pixels = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
-    cosine = np.sum(encoder.encode_pixels(pixels) * reference.encode_pixels(pixels), axis=1)
+    crops = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    cosine = np.sum(encoder.encode_crops(crops) * reference.encode_crops(crops), axis=1)
     assert cosine.min() >= 0.99
     texts = ["a cat", "a dog", "a red car"]
     assert np.sum(encoder.encode_texts(texts) * reference.encode_texts(texts), axis=1).min() >= 0.99
@@ -106,8 +106,8 @@ def test_openvino_export_is_close_to_torch_cached_and_checked(tmp_path: Path) ->
     manifest = json.loads((found.folder / export.MANIFEST).read_text())
     assert [e["file"] for e in manifest["towers"]["image"]["extra_files"]] == ["image.bin"]
     # Torch-free: the same export opened by the serving path's helper gives the same features.
-    image, _ = open_towers(found, 1)
-    np.testing.assert_allclose(image(pixels), encoder._image_tower(pixels), rtol=1e-3, atol=1e-3)
+    image, _ = open_towers(found, 1, loaded.preprocess)
+    np.testing.assert_allclose(image(crops), encoder._image_tower(crops), rtol=1e-3, atol=1e-3)
     # A damaged weights file is detected, and the next start exports again.
     (found.folder / "image.bin").write_bytes(b"\0" * 16)
     assert "image.bin" in str(read_valid(found.folder, loaded.identity.weights_sha256))
@@ -172,13 +172,13 @@ def test_a_bf16_tower_below_autos_bound_is_exported_and_run_at_fp32(
     assert "fp32 as the other tower" in str(found.text.note)
     assert found.image.check["min_cosine"] >= 0.9999  # the fp32 runs' own checks
     assert found.text.check["min_cosine"] >= 0.9999
-    image, text = open_towers(found, 1)
+    image, text = open_towers(found, 1, loaded.preprocess)
     assert isinstance(image, OpenVinoTower)
     assert isinstance(text, OpenVinoTower)
     assert image.precision == text.precision == "fp32"  # compiled with the f32 inference hint
-    pixels = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    reference = tiny_encoder(loaded, "torch", tmp_path)._image_tower(pixels)
-    cosine = np.sum(image(pixels) * reference, axis=1) / (
-        np.linalg.norm(image(pixels), axis=1) * np.linalg.norm(reference, axis=1)
+    crops = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    reference = tiny_encoder(loaded, "torch", tmp_path)._image_tower(crops)
+    cosine = np.sum(image(crops) * reference, axis=1) / (
+        np.linalg.norm(image(crops), axis=1) * np.linalg.norm(reference, axis=1)
     )
     assert cosine.min() >= 0.9999

@@ -54,5 +54,5 @@ def test_a_build_streams_its_images_through_the_encoder_and_keeps_its_features(
     images = service.builder.decode(request.images)
     seeds = [shot_seed(task.task_id, i) for i in range(len(images))]
     encoder = service.encoder
-    whole = encode_views(encoder.encode_pixels, encoder.preprocessor, images, views, seeds, per_call=512)
+    whole = encode_views(encoder.encode_crops, encoder.preprocessor, images, views, seeds, per_call=512)
     assert task.shot_features.tobytes() == whole.tobytes()

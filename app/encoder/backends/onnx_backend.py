@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from ..load import LoadedModel
+from ..load import LoadedModel, PreprocessConfig
+from ..preprocess import Preprocessor
 from .base import FloatArray, TokenArray
 from .cache import INPUT_NAMES, Export, ExportError, TowerExport
+from .crops import NormalisedInput
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,6 @@ class OnnxTower:
         return result
 
 
-_Tower = TypeVar("_Tower", bound=OnnxTower)
-
-
 class OnnxImageTower(OnnxTower):
     def __call__(self, pixels: FloatArray) -> FloatArray:
         return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
@@ -72,32 +71,33 @@ class OnnxTextTower(OnnxTower):
 
 def load_onnx_towers(
     loaded: LoadedModel, backend: str, data_dir: Path, threads: int
-) -> tuple[OnnxImageTower, OnnxTextTower, Export]:
+) -> tuple[NormalisedInput, OnnxTextTower, Export]:
     """The towers of `backend`, exported first if the cache has no valid export (see export.py)."""
     from .export import ensure_export
 
     export = ensure_export(loaded, backend, data_dir, threads=threads)
-    image, text = open_onnx_towers(export, threads)
+    image, text = open_onnx_towers(export, threads, loaded.preprocess)
     return image, text, export
 
 
-def open_onnx_towers(export: Export, threads: int) -> tuple[OnnxImageTower, OnnxTextTower]:
-    """ONNX Runtime sessions over a verified export (no torch needed)."""
-    image = _session(OnnxImageTower, export, "image", threads)
+def open_onnx_towers(
+    export: Export, threads: int, preprocess: PreprocessConfig
+) -> tuple[NormalisedInput, OnnxTextTower]:
+    """ONNX Runtime sessions over a verified export (no torch needed); the image tower takes crops."""
+    try:
+        image = OnnxImageTower(export.image, INPUT_NAMES["image"], threads)
+    except Exception as exc:  # ORT raises its own exception types for unloadable models
+        raise ExportError("load", f"ONNX Runtime could not load the image tower of {export.folder}: {exc}") from exc
     text = open_onnx_text(export, threads)
     for name, tower in (("image", export.image), ("text", export.text)):
         if tower.note:
             log.info("%s %s tower: %s (%s)", export.backend, name, tower.precision, tower.note)
-    return image, text
+    return NormalisedInput(image, Preprocessor(preprocess)), text
 
 
 def open_onnx_text(export: Export, threads: int) -> OnnxTextTower:
     """The text tower alone (on_demand.py opens it again after an idle spell)."""
-    return _session(OnnxTextTower, export, "text", threads)
-
-
-def _session(kind: type[_Tower], export: Export, tower: str, threads: int) -> _Tower:
     try:
-        return kind(export.image if tower == "image" else export.text, INPUT_NAMES[tower], threads)
+        return OnnxTextTower(export.text, INPUT_NAMES["text"], threads)
     except Exception as exc:  # ORT raises its own exception types for unloadable models
-        raise ExportError("load", f"ONNX Runtime could not load the {tower} tower of {export.folder}: {exc}") from exc
+        raise ExportError("load", f"ONNX Runtime could not load the text tower of {export.folder}: {exc}") from exc

@@ -9,11 +9,12 @@ call can use, and without pinning, because the cores are shared with decoding an
 from __future__ import annotations
 
 import threading
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from .base import FloatArray, TokenArray
+from ..load import PreprocessConfig
+from .base import CropArray, FloatArray, TokenArray
 from .cache import Export, ExportError, TowerExport
 
 _core: Any = None
@@ -56,8 +57,12 @@ class OpenVinoTower:
         self.name = backend
         self.precision = tower.precision
         self.path = tower.path
-        self._compiled = core().compile_model(str(tower.path), "CPU", compile_config(tower.precision, threads))
+        self._compiled = core().compile_model(self._model(), "CPU", compile_config(tower.precision, threads))
         self._request = self._compiled.create_infer_request()
+
+    def _model(self) -> Any:
+        """What is compiled: the IR file as it is."""
+        return str(self.path)
 
     def _run(self, array: Any) -> FloatArray:
         self._request.infer({0: array})
@@ -65,12 +70,30 @@ class OpenVinoTower:
         return out
 
 
-_Tower = TypeVar("_Tower", bound=OpenVinoTower)
-
-
 class OpenVinoImageTower(OpenVinoTower):
-    def __call__(self, pixels: FloatArray) -> FloatArray:
-        return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
+    """Takes uint8 crops: the conversion to float, channels-first layout, mean and std are compiled into the
+    model (OpenVINO's preprocessing), where the plugin fuses them into the first layer (crops.py)."""
+
+    def __init__(self, tower: TowerExport, backend: str, threads: int, preprocess: PreprocessConfig) -> None:
+        self._preprocess = preprocess
+        super().__init__(tower, backend, threads)
+
+    def _model(self) -> Any:
+        from openvino import Layout, Type
+        from openvino.preprocess import PrePostProcessor
+
+        model = core().read_model(str(self.path))
+        steps = PrePostProcessor(model)
+        steps.input().tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
+        steps.input().model().set_layout(Layout("NCHW"))
+        # (x / 255 - mean) / std == (x - 255 mean) / (255 std): torchvision's ToTensor + Normalize.
+        steps.input().preprocess().convert_element_type(Type.f32).mean(
+            [255.0 * m for m in self._preprocess.mean]
+        ).scale([255.0 * s for s in self._preprocess.std])
+        return steps.build()
+
+    def __call__(self, crops: CropArray) -> FloatArray:
+        return self._run(np.ascontiguousarray(crops, dtype=np.uint8))
 
 
 class OpenVinoTextTower(OpenVinoTower):
@@ -78,17 +101,19 @@ class OpenVinoTextTower(OpenVinoTower):
         return self._run(np.ascontiguousarray(tokens, dtype=np.int64))
 
 
-def open_openvino_towers(export: Export, threads: int) -> tuple[OpenVinoImageTower, OpenVinoTextTower]:
-    return _compiled(OpenVinoImageTower, export, "image", threads), open_openvino_text(export, threads)
+def open_openvino_towers(
+    export: Export, threads: int, preprocess: PreprocessConfig
+) -> tuple[OpenVinoImageTower, OpenVinoTextTower]:
+    try:
+        image = OpenVinoImageTower(export.image, export.backend, threads, preprocess)
+    except Exception as exc:  # OpenVINO raises RuntimeError with its own messages
+        raise ExportError("load", f"OpenVINO could not compile the image tower of {export.folder}: {exc}") from exc
+    return image, open_openvino_text(export, threads)
 
 
 def open_openvino_text(export: Export, threads: int) -> OpenVinoTextTower:
     """The text tower alone (on_demand.py opens it again after an idle spell)."""
-    return _compiled(OpenVinoTextTower, export, "text", threads)
-
-
-def _compiled(kind: type[_Tower], export: Export, tower: str, threads: int) -> _Tower:
     try:
-        return kind(export.image if tower == "image" else export.text, export.backend, threads)
+        return OpenVinoTextTower(export.text, export.backend, threads)
     except Exception as exc:  # OpenVINO raises RuntimeError with its own messages
-        raise ExportError("load", f"OpenVINO could not compile the {tower} tower of {export.folder}: {exc}") from exc
+        raise ExportError("load", f"OpenVINO could not compile the text tower of {export.folder}: {exc}") from exc
