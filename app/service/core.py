@@ -11,26 +11,24 @@ and store I/O run on the service's own thread pools, encoding on the encoder que
 - Pools: `classify` (decode + cache math of classify requests), `builds` (task builds), `io` (store reads
   and deletes), so a long build never takes the threads classify needs. The cache math never runs on the
   event loop (a first use of another method fits it, up to ~1 s). One exception to the pool: a small task's
-  already-fitted method predicts on the encoder thread when no other encoder work waits
-  (`_predict_on_encoder_thread`), saving a thread hand-off per request.
+  already-fitted method predicts on the encoder thread when no other encoder work waits, saving a thread
+  hand-off per request. The classify request's stages over the pool and the queue: classify_stages.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app import __version__
 from app.encoder import Encoder
 from app.encoder.factory import ModelDefaults
-from app.encoder.preprocess import Crops
 from app.errors import AppError, ErrorCode
 from app.heap import release_freed_memory
 from app.images import ImageLimits
@@ -43,20 +41,19 @@ from cache_models import METHODS
 from . import metrics
 from .admission import Admission, Permit
 from .builder import Progress, TaskBuilder
+from .classify_stages import ClassifyStages
 from .persist import from_snapshot, to_snapshot
-from .queue import EncoderQueue, shutting_down
+from .queue import EncoderQueue
 from .registry import BuildStatus, Key, TaskRegistry
 from .requests import (
     AUTO,
     AddShotsRequest,
-    CheckedClassify,
     CheckedCreate,
     ClassifyRequest,
     CreateTaskRequest,
     RequestRules,
-    UploadedImage,
 )
-from .task import FloatArray, Prediction, Task
+from .task import Prediction, Task
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +63,6 @@ T = TypeVar("T")
 # busy pool or a database that is down), and /readyz never waits more than READY_DEADLINE_S for it.
 READY_PING_S = 1.0
 READY_DEADLINE_S = 2.0
-# A task whose shots' features and class text take at most this many bytes is predicted on the encoder
-# thread when nothing else waits for the encoder (`_predict_on_encoder_thread`); 10 classes x 16 shots of
-# the stand-in (d = 1280) take 0.9 MB, and predicting one image against them ~60 us in-process.
-INLINE_PREDICT_MAX_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -123,6 +116,7 @@ class TaskService:
         self._classify_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shotcache-classify")
         self._build_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shotcache-build")
         self._io_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shotcache-io")
+        self._stages = ClassifyStages(encoder, self.builder, self.queue, self._classify_pool)
         self.ready = False
 
     @property
@@ -193,14 +187,7 @@ class TaskService:
         task = await self.get(tenant, task_id)  # one version for the whole request
         checked = self.rules.classify(request, task)
         with self.admission.classify(len(checked.images)):
-            self.queue.announce()  # a batch being formed waits for these pixels instead of leaving without them
-            answer: Future[builtins.list[Prediction]] = Future()
-            try:
-                self._on_classify_pool(answer, self._classify_stages, task, checked, answer, announced=True)
-            except BaseException:
-                self.queue.withdraw()
-                raise
-            predictions = await asyncio.wrap_future(answer)
+            predictions = await asyncio.wrap_future(self._stages.start(task, checked))
         metrics.IMAGES_CLASSIFIED.inc(len(predictions))
         return Classification(task, predictions)
 
@@ -333,88 +320,3 @@ class TaskService:
                 log.info("task %s/%s: encoded %d/%d shots", *key, done, total)
 
         return report
-
-    def _classify_stages(self, task: Task, checked: CheckedClassify, answer: Future[builtins.list[Prediction]]) -> None:
-        """Decode + crop here (a classify-pool thread), encode on the queue, predict back on this pool (or on
-        the encoder thread: `_predict_on_encoder_thread`), then settle `answer`: the stages hand over to each
-        other directly, so the event loop is woken once per request instead of after every stage
-        (docs/benchmarks.md, request path). Every failure ends in `answer`."""
-        if answer.cancelled():  # the client went away while this waited for a thread
-            self.queue.withdraw()
-            return
-        try:
-            crops = self._classify_crops(checked.images)
-        except BaseException as exc:
-            self.queue.withdraw()
-            _settle(answer, exc)
-            return
-        try:
-            features = self.queue.submit(crops, announced=True)
-        except BaseException as exc:
-            _settle(answer, exc)
-            return
-
-        def predict(encoded: Future[FloatArray]) -> None:  # on the pool or the encoder thread
-            try:
-                _settle(answer, self._predict(task, encoded.result(), checked))
-            except BaseException as exc:
-                _settle(answer, exc)
-
-        def encoded(done: Future[FloatArray]) -> None:  # on the encoder thread
-            try:
-                if self._predict_on_encoder_thread(task, checked):
-                    predict(done)
-                else:
-                    self._on_classify_pool(answer, predict, done)
-            except BaseException as exc:  # the pool is shut down
-                _settle(answer, exc)
-
-        features.add_done_callback(encoded)
-
-    def _predict_on_encoder_thread(self, task: Task, checked: CheckedClassify) -> bool:
-        """Whether the encoder thread, where the features land, should predict itself instead of waking a
-        pool thread (one thread hand-off less per request: docs/benchmarks.md, request path). Only when it is
-        cheap and costs the encoder nothing: the method is fitted already (a first use fits it, up to ~1 s,
-        which must not stall the encoder), the task is small (its cache math is then well under a
-        millisecond) and the encoder has nothing else to do (under load, or for a batch of several requests,
-        the pool predicts while the encoder goes on)."""
-        return (
-            task.supports.nbytes <= INLINE_PREDICT_MAX_BYTES
-            and task.is_fitted(checked.method)
-            and not self.queue.has_other_work
-        )
-
-    def _on_classify_pool(
-        self, answer: Future[Any], fn: Callable[..., None], *args: Any, announced: bool = False
-    ) -> None:
-        """Run `fn` on the classify pool; if the pool drops it unrun (shutdown), `answer` fails (and the
-        queue stops waiting for its `announced` job)."""
-
-        def dropped(job: Future[None]) -> None:
-            if job.cancelled():
-                if announced:
-                    self.queue.withdraw()
-                _settle(answer, shutting_down())
-
-        self._classify_pool.submit(fn, *args).add_done_callback(dropped)
-
-    def _classify_crops(self, images: Sequence[UploadedImage]) -> Crops:
-        return self.encoder.preprocessor.eval_crops(self.builder.decode(images))
-
-    @staticmethod
-    def _predict(task: Task, features: Any, checked: CheckedClassify) -> builtins.list[Prediction]:
-        return task.classify(
-            features, method=checked.method, top_k=checked.top_k, abstain=checked.abstain, evidence=checked.evidence
-        )
-
-
-def _settle(future: Future[T], outcome: T | BaseException) -> None:
-    """Resolve `future` with a result or an exception, unless it is already settled or cancelled (the
-    client went away: its awaiting coroutine was cancelled, which cancels the future)."""
-    try:
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-    except InvalidStateError:
-        pass

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.service import ClassifyRequest, Task, TaskService
-from app.service import core as service_core
+from app.service import ClassifyRequest, Task, TaskService, classify_stages
+from app.service.classify_stages import ClassifyStages
 from app.service.queue import EncoderQueue
 from app.service.task import MethodFit
 from tests.api.test_queue import RecordingEncoder, pixels
@@ -51,11 +51,11 @@ def test_a_small_fitted_task_is_predicted_on_the_encoder_thread_with_the_same_an
 ) -> None:
     task = created(loop, service, create_request(("airplane", "automobile"), 3))
     assert task.is_fitted()  # the build keeps the task's own method fitted
-    predicts = Threads(monkeypatch, TaskService, "_predict", static=True)
+    predicts = Threads(monkeypatch, ClassifyStages, "_predict", static=True)
     inline = classify(loop, service, task, top_k=2, evidence=2)
     assert predicts.take() == ["encoder-queue"]
 
-    monkeypatch.setattr(service_core, "INLINE_PREDICT_MAX_BYTES", -1)  # every task too big: the pool predicts
+    monkeypatch.setattr(classify_stages, "INLINE_PREDICT_MAX_BYTES", -1)  # every task too big: the pool predicts
     pooled = classify(loop, service, task, top_k=2, evidence=2)
     (thread,) = predicts.take()
     assert thread.startswith("shotcache-classify")
@@ -69,7 +69,7 @@ def test_a_first_use_of_another_method_is_fitted_on_the_pool_then_predicted_on_t
     other = next(name for name in task.fits if name != task.method)
     assert not task.is_fitted(other)
     fits = Threads(monkeypatch, MethodFit, "fit")
-    predicts = Threads(monkeypatch, TaskService, "_predict", static=True)
+    predicts = Threads(monkeypatch, ClassifyStages, "_predict", static=True)
 
     first = classify(loop, service, task, method=other)
     (fitted_on,) = fits.take()
@@ -86,7 +86,7 @@ def test_with_other_encoder_work_announced_the_pool_predicts(
     loop: Loop, service: TaskService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task = created(loop, service, create_request(("airplane", "automobile"), 3))
-    predicts = Threads(monkeypatch, TaskService, "_predict", static=True)
+    predicts = Threads(monkeypatch, ClassifyStages, "_predict", static=True)
     monkeypatch.setattr(service.queue, "_max_wait", 0.0)  # the batch does not wait for the announced job below
     service.queue.announce()  # another request is being decoded
     try:
