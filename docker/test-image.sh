@@ -212,7 +212,10 @@ log "base image: $BASE"
 
 # --- the wheelhouse and the build context ---------------------------------------------------------------
 WHEELS=$DIR/wheelhouse
-if ! "$PYTHON" "$REPO/docker/requirements.py" | cmp -s - "$WHEELS/requirements.txt"; then
+# Compared as files: `cmp` stops reading at the first difference (or a missing wheelhouse), which would break
+# the writer's pipe and print its traceback.
+"$PYTHON" "$REPO/docker/requirements.py" >"$DIR/requirements.wanted"
+if ! cmp -s "$DIR/requirements.wanted" "$WHEELS/requirements.txt"; then
     log "make wheelhouse -> $WHEELS"
     make -C "$REPO" --no-print-directory wheelhouse WHEELHOUSE="$WHEELS" PYTHON="$PYTHON" >"$DIR/wheelhouse.log" 2>&1 \
         || fail "make wheelhouse failed; see $DIR/wheelhouse.log"
