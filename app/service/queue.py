@@ -57,9 +57,11 @@ FILL_WAIT_FRACTION = 0.6
 # ... and never more than this, so a slow encoder (a big model, a loaded machine) does not add much latency
 # to a request. 0 turns the fill wait off (the `announce` wait is `max_wait_ms`'s).
 FILL_WAIT_CAP_S = 0.030
-# How far back the recent concurrency looks: this long, short enough that a burst's concurrency stops
-# making batches wait about a second after it ends, ...
-CONCURRENCY_WINDOW_S = 1.0
+# How far back the recent concurrency looks: this long, short enough that a burst's concurrency soon stops
+# making batches wait once it ends (1.0 s made a lone request after an 8-client burst wait: ViT-B-32's
+# first 1-client run after one took 3.2-3.4 ms outside the encoder against 2.4-2.6 in the next; at 0.2 s,
+# 2.3-2.4 in both, batches at 8 clients still 8.0: docs/benchmarks.md, request path), ...
+CONCURRENCY_WINDOW_S = 0.2
 # ... or this many of the last encoder call, if longer: the groups of clients alternate over two calls,
 # so the window must span a few calls even when one takes longer than `CONCURRENCY_WINDOW_S`.
 CONCURRENCY_WINDOW_CALLS = 4
