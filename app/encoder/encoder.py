@@ -17,7 +17,7 @@ from PIL import Image
 from .backends.base import ImageTower, TextTower
 from .backends.on_demand import OnDemandTextTower
 from .load import ModelIdentity, PreprocessConfig
-from .preprocess import Crops, Preprocessor
+from .preprocess import Crops, Preprocessor, check_crops
 from .prompts import ClassPrompts, class_prompt_texts
 
 FloatArray = npt.NDArray[np.float32]
@@ -97,9 +97,7 @@ class Encoder:
     def encode_crops(self, crops: Crops) -> FloatArray:
         """L2-normalised features [n, d] of uint8 crops ([n, S, S, 3], the preprocessor's eval or view crops),
         in batches of `batch_size`; the tower normalises them (backends/crops.py)."""
-        size = self.input_size
-        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
-            raise ValueError(f"crops must be uint8 [n, {size}, {size}, 3], got {crops.dtype} {list(crops.shape)}")
+        check_crops(crops, self.input_size)
         out = np.empty((crops.shape[0], self.dim), dtype=np.float32)
         for start in range(0, crops.shape[0], self._batch_size):
             stop = min(start + self._batch_size, crops.shape[0])

@@ -26,6 +26,13 @@ from .load import PreprocessConfig
 Pixels = npt.NDArray[np.float32]  # [n, 3, H, W], normalised
 Crops = npt.NDArray[np.uint8]  # [n, H, W, 3] RGB: the transform's S x S images before normalisation
 
+
+def check_crops(crops: npt.NDArray[np.generic], size: int) -> None:
+    """What every image entering the encoder must be: uint8 [n, size, size, 3] (ValueError otherwise)."""
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+        raise ValueError(f"crops must be uint8 [n, {size}, {size}, 3], got {crops.dtype} {list(crops.shape)}")
+
+
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}  # load.INTERPOLATIONS
 
 CROP_SCALE = (0.5, 1.0)
@@ -93,10 +100,6 @@ class Preprocessor:
             rng = np.random.default_rng(seed)
             crops.extend(random_resized_crop(image, self.size, rng) for _ in range(views))
         return self._crops(crops)
-
-    def view_pixels(self, images: Sequence[Image.Image], views: int, seeds: Sequence[int]) -> Pixels:
-        """`view_crops`, normalised: [n * views, 3, S, S]."""
-        return self.normalise(self.view_crops(images, views, seeds))
 
     def _crops(self, crops: Sequence[Image.Image]) -> Crops:
         out = np.empty((len(crops), self.size, self.size, 3), dtype=np.uint8)

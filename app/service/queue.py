@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 
 from app.encoder import Encoder
-from app.encoder.preprocess import Crops
+from app.encoder.preprocess import Crops, check_crops
 from app.errors import AppError, ErrorCode
 
 from . import metrics
@@ -167,8 +167,7 @@ class EncoderQueue:
     def submit(self, crops: Crops, *, bulk: bool = False, announced: bool = False) -> Future[FloatArray]:
         """Queue uint8 crops ([n, S, S, 3], the preprocessor's eval or view crops) on the interactive lane (bulk:
         a build's); the future resolves to their L2-normalised features."""
-        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
-            raise ValueError(f"crops must be uint8 [n, S, S, 3], got {crops.dtype} {crops.shape}")
+        check_crops(crops, self._encoder.input_size)  # here, so one bad job cannot fail a batch it joins
         return self._put(_Job("bulk" if bulk else "interactive", crops=crops), announced=announced)
 
     def submit_texts(self, texts: Sequence[str]) -> Future[FloatArray]:

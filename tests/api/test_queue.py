@@ -23,6 +23,8 @@ DIM = 4
 class RecordingEncoder:
     """Stands in for the encoder: returns each image's first pixel value as its features, records batch sizes."""
 
+    input_size = 2  # the crops' side (the queue checks what it is given)
+
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.lock = threading.Lock()
@@ -163,10 +165,12 @@ def test_a_job_bigger_than_the_buffer_is_encoded_whole(crops_queue: Any) -> None
 
 def test_the_queue_refuses_what_is_not_uint8_crops(queue_and_encoder: Any) -> None:
     queue, _ = queue_and_encoder
-    with pytest.raises(ValueError, match=r"crops must be uint8 \[n, S, S, 3\]"):
+    with pytest.raises(ValueError, match=r"crops must be uint8 \[n, 2, 2, 3\]"):
         queue.submit(np.zeros((1, 3, 2, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="crops must be uint8"):
         queue.submit(np.zeros((1, 2, 2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"got uint8 \[1, 3, 3, 3\]"):  # another size: it would break a batch
+        queue.submit(np.zeros((1, 3, 3, 3), dtype=np.uint8))
 
 
 def test_normalised_input_gives_a_float_tower_torchvisions_pixels() -> None:

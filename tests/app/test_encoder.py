@@ -170,3 +170,12 @@ def test_auto_falls_back_to_the_standin_and_says_why(
     assert reason is not None
     assert "unreachable" in reason
     assert standin_dir(service_settings.data_dir).exists()
+
+
+def test_the_encoder_refuses_what_is_not_uint8_crops_of_its_size(encoder: Encoder) -> None:
+    size = encoder.input_size
+    with pytest.raises(ValueError, match=rf"crops must be uint8 \[n, {size}, {size}, 3\]"):
+        encoder.encode_crops(np.zeros((1, 3, size, size), dtype=np.float32))  # normalised pixels, the old input
+    with pytest.raises(ValueError, match="got uint8"):
+        encoder.encode_crops(np.zeros((1, size // 2, size // 2, 3), dtype=np.uint8))
+    assert encoder.encode_crops(np.zeros((2, size, size, 3), dtype=np.uint8)).shape == (2, encoder.dim)

@@ -82,9 +82,10 @@ class OnDemandTextTower:
     def close_if_idle(self) -> bool:
         """Close the session if it has not been called for `idle_s`; whether it closed it."""
         with self._lock:
-            if self._tower is None or self._clock() - self._last_used < self.idle_s:
-                return False
-            return self._close()
+            return self._tower is not None and self._idle_remaining() <= 0 and self._close()
+
+    def _idle_remaining(self) -> float:  # under the lock
+        return self.idle_s - (self._clock() - self._last_used)
 
     def _close(self) -> bool:  # under the lock
         if self._timer is not None:
@@ -108,7 +109,7 @@ class OnDemandTextTower:
             self._timer = None
             if self._tower is None:
                 return
-            remaining = self.idle_s - (self._clock() - self._last_used)
+            remaining = self._idle_remaining()
             if remaining > 0:  # called again since the timer was armed: wait for the rest
                 self._timer = threading.Timer(remaining, self._on_timer)
                 self._timer.daemon = True
