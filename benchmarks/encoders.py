@@ -16,7 +16,17 @@ from app.encoder.encoder import Encoder
 from app.encoder.factory import ModelDefaults, available_backends
 from app.images import ImageLimits, decode_image
 
-from .common import BenchConfig, backend_encoders, load_bench_model, model_label, per_second, table, time_calls
+from .common import (
+    SUSTAINED_ROUNDS,
+    BenchConfig,
+    backend_encoders,
+    load_bench_model,
+    model_label,
+    per_second,
+    sustained_per_second,
+    table,
+    time_calls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +112,7 @@ def bench_encoders(config: BenchConfig) -> dict[str, Any]:
                 "bf16_limit_img_per_s": peaks["bf16"] / gflops,
                 "fp32_limit_img_per_s": peaks["fp32"] / gflops,
             }
-            row["img_per_s"], row["text_per_s"] = _speeds(encoder, config, rng)
+            row["img_per_s"], row["img_per_s_sustained"], row["text_per_s"] = _speeds(encoder, config, rng)
             log.info("bench %s %s -> %s: %s img/s", name, backend, encoder.backend, row["img_per_s"])
             out["rows"].append(row)
             del encoder
@@ -111,11 +121,14 @@ def bench_encoders(config: BenchConfig) -> dict[str, Any]:
     return out
 
 
-def _speeds(encoder: Encoder, config: BenchConfig, rng: np.random.Generator) -> tuple[dict[int, float], float]:
+def _speeds(
+    encoder: Encoder, config: BenchConfig, rng: np.random.Generator
+) -> tuple[dict[int, float], dict[int, float], float]:
     """img/s at each batch size (random uint8 crops, normalised by the tower as served: speed does not depend on
-    content) and texts/s at the largest batch."""
+    content) of the fastest call and of the best round of calls (`sustained_per_second`), and texts/s at the
+    largest batch."""
     size = encoder.input_size
-    images = {}
+    images, sustained = {}, {}
     for batch in config.batches:
         crops = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
         times = time_calls(
@@ -124,11 +137,12 @@ def _speeds(encoder: Encoder, config: BenchConfig, rng: np.random.Generator) -> 
             min_calls=config.min_calls,
         )
         images[batch] = per_second(batch, times)
+        sustained[batch] = sustained_per_second(batch, times)
     prompts = [f"a photo of a {i}-th thing." for i in range(max(config.batches))]
     times = time_calls(
         lambda: encoder.encode_texts(prompts), min_seconds=config.min_seconds / 2, min_calls=config.min_calls
     )
-    return images, per_second(len(prompts), times)
+    return images, sustained, per_second(len(prompts), times)
 
 
 def encoder_markdown(result: dict[str, Any], batches: tuple[int, ...]) -> str:
@@ -147,6 +161,8 @@ def encoder_markdown(result: dict[str, Any], batches: tuple[int, ...]) -> str:
         top = max(batches)
         limit = r.get("bf16_limit_img_per_s")
         cells.append(f"{r['img_per_s'][top] / limit:.0%} of {limit:.0f}" if limit else "n/a")
+        sustained = r.get("img_per_s_sustained")  # absent from runs before the sixth session
+        cells.append(" / ".join(f"{sustained[b]:.1f}" for b in batches) if sustained else "n/a")
         cells += [f"{r['text_per_s']:.1f}", f"{r['mean_cosine']:.5f} / {r['min_cosine']:.5f}", f"{r['prepare_s']:.1f}"]
         rows.append(cells)
     header = [
@@ -154,6 +170,7 @@ def encoder_markdown(result: dict[str, Any], batches: tuple[int, ...]) -> str:
         "backend",
         *[f"img/s batch {b} (x eager fp32)" for b in batches],
         f"batch {max(batches)} of the bf16 limit (img/s)",
+        f"img/s batch {' / '.join(map(str, batches))}, best of {SUSTAINED_ROUNDS} rounds",
         f"texts/s batch {max(batches)}",
         "cosine to torch fp32, mean / min (real images)",
         "load + export s",
@@ -254,9 +271,14 @@ def decode_markdown(result: dict[str, Any], encoder: dict[str, Any] | None) -> s
     return text
 
 
-def raw_rate(encoder: dict[str, Any] | None, model_prefix: str, backend: str, batch: int) -> float | None:
-    """Raw img/s of a model on `backend` (the one a server ended up using) at `batch`, from the encoder section."""
+def raw_rate(
+    encoder: dict[str, Any] | None, model_prefix: str, backend: str, batch: int, *, sustained: bool = False
+) -> float | None:
+    """Raw img/s of a model on `backend` (the one a server ended up using) at `batch`, from the encoder section:
+    of its fastest call, or with `sustained` of its best round of calls (None where the run has no such rate)."""
+    key = "img_per_s_sustained" if sustained else "img_per_s"
     for r in (encoder or {}).get("rows", []):
-        if r["used"] == backend and r["model"].startswith(model_prefix) and batch in r["img_per_s"]:
-            return float(r["img_per_s"][batch])
+        rates = r.get(key) or {}
+        if r["used"] == backend and r["model"].startswith(model_prefix) and batch in rates:
+            return float(rates[batch])
     return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from .accuracy import accuracy_markdown, backend_gaps, cache_cost_markdown
 from .cache_methods import to_markdown
-from .common import table
+from .common import SUSTAINED_ROUNDS, table
 from .encoders import decode_markdown, encoder_markdown
 from .memory import memory_markdown
 
@@ -116,18 +116,7 @@ def targets(results: dict[str, Any]) -> list[list[object]]:
         for run in r["runs"]:
             body = run.get("body", "multipart")
             if run["concurrency"] == 8 and run.get("served_vs_raw") and r["backend"] == "auto":
-                share = run["served_vs_raw"]
-                rows.append(
-                    _target(
-                        f"{name}, {body}: served img/s at 8 clients ≥ {SERVED_VS_RAW:.0%} of the raw encoder's at "
-                        "batch 8",
-                        f"{100 * share:.0f}% of {run['raw_img_per_s']:.0f}",
-                        share >= SERVED_VS_RAW,
-                        f"by {100 * (SERVED_VS_RAW - share):.0f} points",
-                        f"{run['mean_batch']:.1f} images per encoder call ({run['encode_call_ms']:.1f} ms each); "
-                        "HTTP, decode and the load generator share the same 2 cores",
-                    )
-                )
+                rows.append(_served_target(name, body, run))
             if run["concurrency"] == 1 and bound is not None and r["backend"] == "auto":
                 outside_ms = run["server_request_ms"] - run["encode_call_ms"]
                 rows.append(
@@ -178,6 +167,27 @@ def targets(results: dict[str, Any]) -> list[list[object]]:
             )
         )
     return rows
+
+
+def _served_target(name: str, body: str, run: dict[str, Any]) -> list[object]:
+    """Served img/s at 8 clients against the raw encoder's at batch 8: its sustained rate (the best of
+    SUSTAINED_ROUNDS rounds of calls, issue 15's own measure), and its fastest call beside it (runs before the
+    sixth session have only the fastest call, and are judged on it)."""
+    sustained = run.get("served_vs_sustained")
+    share = sustained if sustained else run["served_vs_raw"]
+    reference = f"its best of {SUSTAINED_ROUNDS} rounds" if sustained else "its fastest call"
+    shown = f"{100 * share:.0f}% of {run['raw_sustained_img_per_s' if sustained else 'raw_img_per_s']:.0f}"
+    if sustained:
+        shown += f" ({100 * run['served_vs_raw']:.0f}% of the fastest call's {run['raw_img_per_s']:.0f})"
+    return _target(
+        f"{name}, {body}: served img/s at 8 clients ≥ {SERVED_VS_RAW:.0%} of the raw encoder's at batch 8 "
+        f"({reference})",
+        shown,
+        share >= SERVED_VS_RAW,
+        f"by {100 * (SERVED_VS_RAW - share):.0f} points",
+        f"{run['mean_batch']:.1f} images per encoder call ({run['encode_call_ms']:.1f} ms each); "
+        "HTTP, decode and the load generator share the same 2 cores",
+    )
 
 
 def _target(name: str, shown: str, met: bool, shortfall: str, limit: str = "") -> list[object]:

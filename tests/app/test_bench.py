@@ -14,7 +14,7 @@ import pytest
 from app.encoder.factory import available_backends
 from benchmarks import report
 from benchmarks.accuracy import backend_gaps, bench_accuracy, bench_cache_cost
-from benchmarks.common import BACKENDS, BenchConfig
+from benchmarks.common import BACKENDS, BenchConfig, sustained_per_second
 from benchmarks.encoders import bench_decode, bench_encoders
 from benchmarks.memory import bench_memory
 from benchmarks.options import DEFAULT_SECTIONS, SECTIONS, add_arguments
@@ -53,8 +53,10 @@ def test_encoder_section_measures_every_backend_against_torch(quick: BenchConfig
     assert rows["onnx"]["default"]  # the stand-in's models.json default
     assert rows["onnx-int8"]["used"] == "onnx"  # nothing to quantize in EfficientNet-Lite0
     for row in rows.values():
-        assert set(row["img_per_s"]) == {1, 2}
+        assert set(row["img_per_s"]) == set(row["img_per_s_sustained"]) == {1, 2}
         assert all(v > 0 for v in row["img_per_s"].values())
+        # A round's rate is its calls over their summed time: never above the fastest call's.
+        assert all(row["img_per_s_sustained"][b] <= row["img_per_s"][b] * (1 + 1e-9) for b in (1, 2))
         # bf16 / int8 OpenVINO rows are checked at their own, looser bound (openvino_export.py)
         assert row["mean_cosine"] > (0.99 if row["used"].startswith("openvino") else 0.999)
     table = report.render(_meta(quick), {"encoder": result})
@@ -162,6 +164,36 @@ def test_targets_say_by_how_much_they_are_missed() -> None:
     assert speed[2] == "**missed** by 20.0 img/s"
     assert "openvino-int8 runs 150.0 img/s" in str(speed[3])  # the faster, unfaithful one is named
     assert rows["ViT-B-32 ≥ 4.3x eager fp32 at batch 32 (openvino)"][2] == "met"
+
+
+def test_the_sustained_rate_is_the_best_round_of_calls() -> None:
+    """A served rate is a throughput, so the raw one it is held to is too: the best of consecutive rounds of
+    calls, each round its calls over their summed time (not the fastest single call)."""
+    times = [0.5, 1.0, 1.0, 1.0, 0.25, 0.25]  # three rounds of two calls: 1.5 s, 2.0 s, 0.5 s
+    assert sustained_per_second(8, times, rounds=3) == pytest.approx(8 * 2 / 0.5)
+    assert sustained_per_second(8, times, rounds=1) == pytest.approx(8 * 6 / 4.0)
+    assert sustained_per_second(8, [0.5, 1.0], rounds=6) == pytest.approx(8 / 0.5)  # fewer calls than rounds
+    with pytest.raises(ValueError, match="no timed calls"):
+        sustained_per_second(8, [])
+
+
+def test_the_served_target_is_judged_on_the_sustained_rate_and_shows_the_fastest_call() -> None:
+    def served(run: dict[str, object]) -> dict[str, object]:
+        return {"model": "offline-standin", "backend": "auto", "used": "openvino", "runs": [run]}
+
+    run = {"concurrency": 8, "body": "raw", "mean_batch": 8.0, "encode_call_ms": 40.0, "throughput": 150.0}
+    both = {**run, "raw_img_per_s": 220.0, "served_vs_raw": 150 / 220}
+    both |= {"raw_sustained_img_per_s": 190.0, "served_vs_sustained": 150 / 190}
+    (target,) = report.targets({"served": {"rows": [served(both)]}})
+    assert "(its best of 6 rounds)" in str(target[0])
+    assert target[1] == "79% of 190 (68% of the fastest call's 220)"
+    assert target[2] == "met"
+    # A run recorded before the sustained rate existed is judged on its fastest call, and says so.
+    old = {**run, "raw_img_per_s": 220.0, "served_vs_raw": 150 / 220}
+    (target,) = report.targets({"served": {"rows": [served(old)]}})
+    assert "(its fastest call)" in str(target[0])
+    assert target[1] == "68% of 220"
+    assert target[2] == "**missed** by 7 points"
 
 
 def test_the_doc_section_is_replaced_in_place(tmp_path: Path) -> None:
