@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from app.service import ClassifyRequest, Task, TaskService, classify_stages
-from app.service.classify_stages import ClassifyStages
 from app.service.queue import EncoderQueue
 from app.service.task import MethodFit
 from tests.api.test_queue import RecordingEncoder, pixels
@@ -25,7 +24,7 @@ MINUTE_MS = 60_000.0
 class Threads:
     """Records the thread each call of the wrapped function ran on."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, *, static: bool = False) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
         self.names: list[str] = []
         original = getattr(owner, name)
 
@@ -33,7 +32,7 @@ class Threads:
             self.names.append(threading.current_thread().name)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(owner, name, staticmethod(recorded) if static else recorded)
+        monkeypatch.setattr(owner, name, recorded)
 
     def take(self) -> list[str]:
         names, self.names = self.names, []
@@ -51,7 +50,7 @@ def test_a_small_fitted_task_is_predicted_on_the_encoder_thread_with_the_same_an
 ) -> None:
     task = created(loop, service, create_request(("airplane", "automobile"), 3))
     assert task.is_fitted()  # the build keeps the task's own method fitted
-    predicts = Threads(monkeypatch, ClassifyStages, "_predict", static=True)
+    predicts = Threads(monkeypatch, classify_stages, "predict")
     inline = classify(loop, service, task, top_k=2, evidence=2)
     assert predicts.take() == ["encoder-queue"]
 
@@ -69,7 +68,7 @@ def test_a_first_use_of_another_method_is_fitted_on_the_pool_then_predicted_on_t
     other = next(name for name in task.fits if name != task.method)
     assert not task.is_fitted(other)
     fits = Threads(monkeypatch, MethodFit, "fit")
-    predicts = Threads(monkeypatch, ClassifyStages, "_predict", static=True)
+    predicts = Threads(monkeypatch, classify_stages, "predict")
 
     first = classify(loop, service, task, method=other)
     (fitted_on,) = fits.take()
@@ -86,7 +85,7 @@ def test_with_other_encoder_work_announced_the_pool_predicts(
     loop: Loop, service: TaskService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task = created(loop, service, create_request(("airplane", "automobile"), 3))
-    predicts = Threads(monkeypatch, ClassifyStages, "_predict", static=True)
+    predicts = Threads(monkeypatch, classify_stages, "predict")
     monkeypatch.setattr(service.queue, "_max_wait", 0.0)  # the batch does not wait for the announced job below
     service.queue.announce()  # another request is being decoded
     try:
