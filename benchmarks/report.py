@@ -39,8 +39,12 @@ NOTES = """Notes on reading these tables:
   `http.client` connection per client thread, ~0.4-0.7 ms of its CPU per request; httpx, ~1.3-1.9 ms, until
   2026-12-01: docs/benchmarks.md, request path); one image per request; "outside encoder" is
   1 - (encoder-call seconds / classify-request seconds), both from the server's /metrics, at 1 client (every
-  request is one encoder call). "of raw encoder" divides by the encoder table's best call, on the backend the
-  server runs, at batch 1 (1 client) or 8 (8 clients).
+  request is one encoder call). "of raw encoder" divides by the encoder table's rates on the backend the
+  server runs, at batch 1 (1 client) or 8 (8 clients): its best round of calls ("best of 6 rounds": each
+  cell's calls split into 6 consecutive rounds, a round's rate its calls over their summed time; the
+  8-client target is judged on it, a served rate being a throughput too), and its fastest call. The
+  host's speed drifts by 10-35% within an hour here, so a served row is only fair against raw rows
+  measured minutes before it, in the same run.
 - Peak RSS includes ≈ 0.9 GB that `import torch, open_clip, transformers` costs before any model loads
   with the CUDA torch wheel of this venv (the Docker image's CPU wheel is smaller).
 """
