@@ -12,7 +12,8 @@ and store I/O run on the service's own thread pools, encoding on the encoder que
   and deletes), so a long build never takes the threads classify needs. The cache math never runs on the
   event loop (a first use of another method fits it, up to ~1 s). One exception to the pool: a small task's
   already-fitted method predicts on the encoder thread when no other encoder work waits, saving a thread
-  hand-off per request. The classify request's stages over the pool and the queue: classify_stages.py.
+  hand-off per request; on the pool, the requests of one encoder batch that ask one task the same way share
+  one predict. The classify request's stages over the pool and the queue: classify_stages.py.
 """
 
 from __future__ import annotations
