@@ -25,9 +25,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from app.encoder.factory import create_encoder
 from app.encoder.standin import standin_dir
 
-from .common import VIT_NAME, BenchConfig, percentile, random_weights, table
+from .common import VIT_NAME, BenchConfig, percentile, random_weights, sustained_per_second, table, time_calls
 from .encoders import jpeg_bytes, raw_rate
 from .server_process import Server as ServerProcess
 
@@ -100,6 +101,8 @@ class Server:
             link.symlink_to(standin_dir(config.data_dir).resolve(), target_is_directory=True)
         else:
             env["SHOTCACHE_PRETRAINED"] = str(random_weights(model, config.data_dir).resolve())
+        self.data = data
+        self.pretrained = env.get("SHOTCACHE_PRETRAINED")
         self.log_path = self.folder / "server.log"
         self.server = ServerProcess(data, self.log_path, env, name=f"{model} server", model=model)
         self.process = self.server.process
@@ -261,6 +264,26 @@ def started_server(config: BenchConfig, model: str, backend: str) -> tuple[Serve
     return server, start
 
 
+class RawReference:
+    """The server's own encoder (its data dir, the backend it runs, `create_encoder`), opened in this process and
+    timed while the server idles, right after a served run: the host's speed drifts by 10-35% within an hour
+    here, so only a raw rate measured next to a served one is a fair reference for it."""
+
+    def __init__(self, server: Server, backend: str) -> None:
+        weights = {"pretrained": server.pretrained} if server.pretrained else {}
+        settings = server.config.settings(
+            backend, model=server.model, data_dir=server.data, text_tower_idle_s=0, **weights
+        )
+        self.encoder, _ = create_encoder(settings)
+
+    def rate(self, batch: int, seconds: float) -> float:
+        """img/s at `batch`: the best of the sustained rounds of `seconds` of calls (random uint8 crops)."""
+        size = self.encoder.input_size
+        crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        times = time_calls(lambda: self.encoder.encode_crops(crops), min_seconds=seconds, min_calls=6)
+        return sustained_per_second(batch, times)
+
+
 def bench_server(config: BenchConfig, model: str, backend: str, encoder: dict[str, Any] | None) -> dict[str, Any]:
     shots_per_class = 4 if config.quick else 16
     server, start = started_server(config, model, backend)
@@ -275,7 +298,16 @@ def bench_server(config: BenchConfig, model: str, backend: str, encoder: dict[st
             response.raise_for_status()
             task = response.json()
         bodies = BODIES[:1] if config.quick else BODIES
-        runs = [drive(server.base, task["id"], probes, c, config.serve_seconds, b) for b in bodies for c in (1, 8)]
+        reference = RawReference(server, info["backend"])
+        runs = []
+        for body in bodies:
+            for clients in (1, 8):
+                run = drive(server.base, task["id"], probes, clients, config.serve_seconds, body)
+                if clients == 8:  # the raw encoder at batch 8 right after it, the server idle
+                    run["raw_next_img_per_s"] = reference.rate(8, config.serve_seconds / 2)
+                    run["served_vs_next"] = run["throughput"] / run["raw_next_img_per_s"]
+                runs.append(run)
+        del reference
         memory = peak_rss_mb(server.process.pid)
     finally:
         server.stop()
@@ -326,7 +358,8 @@ def served_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         for run in r["runs"]:
             vs_raw = " / ".join(
-                f"{100 * run[key]:.0f}%" if run.get(key) else "n/a" for key in ("served_vs_sustained", "served_vs_raw")
+                f"{100 * run[key]:.0f}%" if run.get(key) else "n/a"
+                for key in ("served_vs_next", "served_vs_sustained", "served_vs_raw")
             )
             rows.append(
                 [
@@ -352,7 +385,7 @@ def served_markdown(result: dict[str, Any]) -> str:
             "request body",
             "clients",
             "img/s",
-            "of raw encoder: best round / fastest call",
+            "of raw encoder: measured right after / best round / fastest call",
             "p50 ms",
             "p99 ms",
             "server ms/request",
