@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 from .common import VIT_NAME, BenchConfig
-from .served import Server, drive, shots_and_probes
+from .load_generator import drive
+from .served import Server, shots_and_probes
 
 FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
 

@@ -16,9 +16,10 @@ from benchmarks import report
 from benchmarks.accuracy import backend_gaps, bench_accuracy, bench_cache_cost
 from benchmarks.common import BACKENDS, BenchConfig, sustained_per_second
 from benchmarks.encoders import bench_decode, bench_encoders
+from benchmarks.load_generator import scrape
 from benchmarks.memory import bench_memory
 from benchmarks.options import DEFAULT_SECTIONS, SECTIONS, add_arguments
-from benchmarks.served import bench_served, scrape
+from benchmarks.served import bench_served
 from tests.conftest import dataset_dir
 
 

@@ -1,4 +1,4 @@
-"""The bench's load generator (benchmarks.served): its raw and multipart requests are what a server reads."""
+"""The bench's load generator (benchmarks.load_generator): its raw and multipart requests are what a server reads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from benchmarks.served import connect, post_probe
+from benchmarks.load_generator import connect, post_probe
 
 PROBE = b"\xff\xd8\xff\xe0 not really a jpeg, but bytes a server must get back unchanged \r\n--x\r\n"
 
