@@ -41,6 +41,11 @@ async def get_caller(
     return caller
 
 
+async def caller_of(request: Request) -> Caller:
+    """`get_caller` for a route that runs without FastAPI's dependency injection (the raw-body classify)."""
+    return await get_caller(request, await _bearer(request))
+
+
 async def get_admin(caller: Annotated[Caller, Depends(get_caller)], request: Request) -> Caller:
     if not caller.admin and not request.app.state.keys.open:
         raise AppError(ErrorCode.FORBIDDEN, "this route needs an admin key")

@@ -61,6 +61,7 @@ def serve(settings: Settings, overrides: Mapping[str, object]) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         workers=1,
         loop=chosen.loop,
         http=chosen.http,

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, description="Largest `top_k` a classify request may ask for.")
 
     log_level: str = Field("info", description="Python logging level.")
+    access_log: bool = Field(
+        False,
+        description="Log one line per HTTP request (uvicorn's access log). Off by default: /metrics counts every "
+        "request by route and status, and the line cost ~0.1 ms of a 6 ms one-image classify.",
+    )
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

@@ -56,6 +56,12 @@ def test_v1_needs_a_known_key(client: TestClient, shots: list[Any], alice_task: 
             response = client.request(method, url, headers=headers, **kwargs)
             assert_error(response, 401, "unauthorized", what)
             assert response.headers.get("www-authenticate", "").lower().startswith("bearer"), (method, url)
+    raw_path = f"/v1/tasks/{alice_task['id']}/classify"
+    for headers, what in (({}, "missing"), ({"Authorization": "Bearer not-a-key-at-all"}, "unknown")):
+        response = client.post(
+            raw_path, content=shots[0][0].read_bytes(), headers={"Content-Type": "image/jpeg", **headers}
+        )
+        assert_error(response, 401, "unauthorized", what)  # the raw-body route, outside FastAPI's dependencies
     # Nothing above changed anything.
     assert client.get(f"/v1/tasks/{alice_task['id']}", headers=ALICE).json() == alice_task
     assert [t["id"] for t in client.get("/v1/tasks", headers=ALICE).json()["tasks"]] == [alice_task["id"]]
@@ -75,6 +81,9 @@ def test_tenants_are_isolated(client: TestClient, shots: list[Any], alice_task: 
     # Bob cannot see, classify, extend or delete Alice's task: to him it does not exist.
     assert_error(client.get(f"/v1/tasks/{task_id}", headers=BOB), 404, "task_not_found")
     assert_error(client.post(f"/v1/tasks/{task_id}/classify", files=image, headers=BOB), 404, "task_not_found")
+    raw = {"Content-Type": "image/jpeg", **BOB}
+    response = client.post(f"/v1/tasks/{task_id}/classify", content=shots[0][0].read_bytes(), headers=raw)
+    assert_error(response, 404, "task_not_found")
     assert_error(
         client.post(f"/v1/tasks/{task_id}/shots", files=image, data={"labels": ["cat"]}, headers=BOB),
         404,

@@ -3,6 +3,7 @@ parameters): the same answer as the multipart form, the same checks, JSON errors
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -87,6 +88,55 @@ def test_bad_options_are_checked_as_for_the_form(
     assert raw.status_code == form.status_code
     assert raw.json() == form.json()
     assert_error(raw_classify(api_client, base_task["id"], data, "image/jpeg", top_k="many"), 422)
+
+
+@pytest.mark.parametrize(("name", "value"), [("top_k", "many"), ("abstain", "maybe"), ("evidence", "1.5")])
+def test_an_unparseable_option_is_422_naming_it(
+    api_client: TestClient, base_task: dict[str, Any], probes: list[Shot], name: str, value: str
+) -> None:
+    data = probes[0][0].read_bytes()
+    response = raw_classify(api_client, base_task["id"], data, "image/jpeg", **{name: value})
+    message = assert_error(response, 422, "invalid_request", name)["message"]
+    assert message.startswith(f"{name}: "), message  # as FastAPI words a query parameter's error
+
+
+def test_options_parse_as_query_parameters_do(
+    api_client: TestClient, base_task: dict[str, Any], probes: list[Shot]
+) -> None:
+    data = probes[0][0].read_bytes()
+    for truthy in ("true", "1", "yes", "on"):
+        response = raw_classify(api_client, base_task["id"], data, "image/jpeg", abstain=truthy, top_k="2")
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"][0]["top_k"]) == 2
+    unknown = raw_classify(api_client, base_task["id"], data, "image/jpeg", colour="blue")
+    assert unknown.status_code == 200, unknown.text  # an unknown parameter is ignored, as FastAPI ignores it
+
+
+def test_other_methods_on_the_path_are_405(api_client: TestClient, base_task: dict[str, Any]) -> None:
+    for method in ("GET", "PUT"):
+        response = api_client.request(
+            method, f"/v1/tasks/{base_task['id']}/classify", headers={"Content-Type": "image/jpeg"}
+        )
+        assert_error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "POST"
+
+
+def _classify_count(client: TestClient) -> float:
+    pattern = (
+        r'^shotcache_http_requests_total\{method="POST",route="/v1/tasks/\{task_id\}/classify",status="200"\} (\S+)$'
+    )
+    match = re.search(pattern, client.get("/metrics").text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_label_the_raw_body_by_the_route_template(
+    api_client: TestClient, base_task: dict[str, Any], probes: list[Shot]
+) -> None:
+    before = _classify_count(api_client)
+    response = raw_classify(api_client, base_task["id"], probes[0][0].read_bytes(), "image/jpeg")
+    assert response.status_code == 200, response.text
+    assert _classify_count(api_client) == before + 1
+    assert base_task["id"] not in api_client.get("/metrics").text
 
 
 def test_unknown_task_is_404(api_client: TestClient, probes: list[Shot]) -> None:
