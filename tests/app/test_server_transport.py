@@ -42,3 +42,16 @@ def test_serve_passes_the_transport_to_uvicorn(monkeypatch: pytest.MonkeyPatch) 
     server.serve(Settings(host="127.0.0.1", port=18701), {})
     assert len(calls) == 1
     assert (calls[0]["loop"], calls[0]["http"], calls[0]["port"]) == ("asyncio", "h11", 18701)
+
+
+@pytest.mark.parametrize(("environ", "expected"), [({}, False), ({"SHOTCACHE_ACCESS_LOG": "true"}, True)])
+def test_the_access_log_is_off_unless_asked_for(
+    monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], expected: bool
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(server.uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("SHOTCACHE_ACCESS_LOG", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    server.serve(Settings(host="127.0.0.1", port=18702), {})
+    assert [call["access_log"] for call in calls] == [expected]
