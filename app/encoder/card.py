@@ -1,6 +1,6 @@
 """What serving a model needs besides its exported towers, written at export time and read without torch.
 
-- the model card, `exports/<model key>/model.json`: identity (name, tag, weights hash, dim), logit scale,
+- the model card, `exports/<model key>/model.json`: identity (name, tag, weights hash, recipe hash, dim), logit scale,
   preprocessing config, the models.json key and how to tokenise; the tokenizer file beside it (tokenize.py);
 - the source index, `exports/sources/<hash>.json`: which model key a configured source (`offline`, a name +
   tag, a weights file, a local dir) resolved to, with a fingerprint of the files it was loaded from (size +
@@ -51,6 +51,7 @@ class ModelCard:
                 "name": identity.name,
                 "pretrained": identity.pretrained,
                 "weights_sha256": identity.weights_sha256,
+                "recipe_sha256": identity.recipe_sha256,
                 "dim": identity.dim,
             },
             "preprocess": {
@@ -78,7 +79,9 @@ class ModelCard:
             str(pre["resize_mode"]),
         )
         ident = data["identity"]
-        identity = ModelIdentity(ident["name"], ident["pretrained"], ident["weights_sha256"], int(ident["dim"]))
+        identity = ModelIdentity(
+            ident["name"], ident["pretrained"], ident["weights_sha256"], int(ident["dim"]), ident.get("recipe_sha256")
+        )
         return cls(
             identity,
             preprocess,

@@ -1,9 +1,11 @@
 """Folders built once and shared by processes (the stand-in model, ONNX exports): an exclusive file
-lock around the build, and an atomic install by rename so a reader sees the old folder or the new one."""
+lock around the build, an atomic install by rename so a reader sees the old folder or the new one, and the
+checksum their files are named by."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import threading
@@ -36,3 +38,11 @@ def install_folder(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(folder)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

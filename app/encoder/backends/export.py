@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..folders import file_lock, install_folder
+from ..folders import file_lock, install_folder, sha256_file
 from ..load import LoadedModel
 from .cache import (
     EXPORT_FORMATS,
@@ -43,7 +43,6 @@ from .cache import (
     Tower,
     TowerExport,
     read_valid,
-    sha256_file,
 )
 from .cache import export_dir as cache_export_dir
 from .cache import model_key as cache_model_key
