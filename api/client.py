@@ -310,10 +310,13 @@ class ShotcacheClient:
     ) -> TaskOut | BuildOut:
         """Create a task from {class: images} or a folder with one sub-folder per class.
 
+        A task made from a folder is named after it unless `name` is given (`photos/` -> "photos").
         `wait=True` returns the ready task (with `progress`, the build runs in the background and its
         progress is reported while polling); `wait=False` returns the build's first status at once.
         """
         shots = self._shots(images_by_class, folder)
+        if name is None and folder is not None:
+            name = Path(folder).resolve().name
         background = not wait or progress is not None
         data: dict[str, Any] = {"labels": [label for label, _ in shots], "wait": "false" if background else "true"}
         optional = {"name": name, "method": method, "views": views}

@@ -73,6 +73,7 @@ def test_from_folder_in_the_background(open_server: Server, shot_folder: Path) -
         assert build.total == len(CLASSES) * SHOTS
         task = client.wait_ready(build.id, timeout=300)
         assert task.method == "tip-adapter"
+        assert task.name == "pets"  # the folder's name, none having been given
         assert [c.name for c in task.classes] == sorted(CLASSES)
         client.delete_task(task.id)
 
