@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = command("create", cmd_task_create, "create a task from a folder with one sub-folder per class")
     create.add_argument("--from-folder", required=True, help="folder/<class>/<image>")
     create.add_argument("--name")
-    create.add_argument("--method", help="zero-shot, tip-adapter, tip-x, ape, gda or auto (default: the model's)")
+    create.add_argument(
+        "--method", help="zero-shot, tip-adapter, tip-x, ape, gda, proker or auto (default: the model's)"
+    )
     create.add_argument("--views", type=int, help="augmented views per shot")
     create.add_argument("--no-wait", action="store_true", help="return once uploaded; the build runs on")
     command("list", cmd_task_list, "list tasks (and builds in progress)")

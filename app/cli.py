@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,26 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _template_set_name(text: str) -> str:
+    from .encoder.prompts import template_set
+
+    try:
+        template_set(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _methods(text: str) -> list[str]:
@@ -52,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .encoder import create_encoder
+    from .encoder.prompts import template_set
     from .evaluation.datasets import load_folder_dataset
     from .evaluation.run import encode_dataset, evaluate, summary_table
 
@@ -60,7 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     encoder, fallback = create_encoder(settings)
     if fallback:
         print(f"note: evaluating the offline stand-in model ({fallback})", file=sys.stderr)
-    encoded = encode_dataset(encoder, dataset, views=args.views, progress=not args.quiet)
+    templates = None if args.templates is None else template_set(args.templates)
+    encoded = encode_dataset(encoder, dataset, views=args.views, progress=not args.quiet, templates=templates)
     from .encoder.factory import ModelDefaults
 
     default_method = ModelDefaults.for_key(encoder.loaded.config_key).default_method
@@ -73,8 +96,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         default_method=default_method,
         oracle=args.oracle,
         paper=args.paper,
+        prompt_weighting=args.prompt_weighting,
     )
-    print(f"model {encoder.identity.model_id} ({encoder.backend}), data {dataset.name}, views {args.views}")
+    print(
+        f"model {encoder.identity.model_id} ({encoder.backend}), data {dataset.name}, views {args.views}, "
+        f"templates {args.templates or 'default'}, prompt weighting {args.prompt_weighting:g}"
+    )
     print(summary_table(rows))
     if args.json:
         payload = {
@@ -82,6 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "backend": encoder.backend,
             "dataset": dataset.name,
             "views": args.views,
+            "templates": args.templates,
+            "prompt_weighting": args.prompt_weighting,
             "results": [r.to_dict() for r in rows],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
@@ -148,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true", help="also report each method tuned on TEST (an upper bound)")
     ev.add_argument("--paper", action="store_true", help="also report each method at its papers' default values")
     ev.add_argument("--views", type=int, default=1)
+    ev.add_argument(
+        "--templates",
+        type=_template_set_name,
+        help="prompt template set by name (app/encoder/configs/templates.json); default: the model's",
+    )
+    ev.add_argument(
+        "--prompt-weighting",
+        type=_non_negative,
+        default=0.0,
+        metavar="GAMMA",
+        help="weigh each class's prompts by softmax(GAMMA * cos(prompt, its shots' mean)) instead of averaging "
+        "them (TIMO; needs several prompts per class, e.g. --templates clip-simple-7); default 0: the plain mean",
+    )
     ev.add_argument("--json", help="write the results here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

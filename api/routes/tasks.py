@@ -52,7 +52,8 @@ async def create_task(
     labels: LabelsField,
     name: Annotated[str | None, Form(description="A name for the task.")] = None,
     method: Annotated[
-        str | None, Form(description="zero-shot, tip-adapter, tip-x, ape, gda, or auto (best by leave-one-out).")
+        str | None,
+        Form(description="zero-shot, tip-adapter, tip-x, ape, gda, proker, or auto (best by leave-one-out)."),
     ] = None,
     views: Annotated[int | None, Form(description="Augmented views per shot (1-32).")] = None,
     templates: Annotated[str | None, Form(description="JSON list of prompt templates with one {}.")] = None,

@@ -146,6 +146,22 @@ class Encoder:
                 out[start : start + self._batch_size] = self._text_tower(tokens[start : start + self._batch_size])
         return l2_normalise(out)
 
+    def prompt_embeddings(
+        self,
+        classes: Sequence[ClassPrompts],
+        templates: Sequence[str] | None = None,
+        *,
+        encode_texts: Callable[[Sequence[str]], FloatArray] | None = None,
+    ) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """Every class's prompts, encoded: ([P, d] normalised, offsets [N + 1]; class c's prompts are rows
+        offsets[c]:offsets[c + 1]). `encode_texts` replaces `self.encode_texts` (the service passes its
+        encoder queue's text lane)."""
+        chosen = self.default_templates if templates is None else list(templates)
+        prompt_lists = [class_prompt_texts(cls, chosen) for cls in classes]
+        offsets = np.cumsum([0] + [len(prompts) for prompts in prompt_lists]).astype(np.int64)
+        embeddings = (encode_texts or self.encode_texts)([p for prompts in prompt_lists for p in prompts])
+        return embeddings, offsets
+
     def class_text_weights(
         self,
         classes: Sequence[ClassPrompts],
@@ -153,16 +169,9 @@ class Encoder:
         *,
         encode_texts: Callable[[Sequence[str]], FloatArray] | None = None,
     ) -> FloatArray:
-        """[N, d]: per class, the mean of its normalised prompt embeddings, re-normalised.
-
-        `encode_texts` replaces `self.encode_texts` (the service passes its encoder queue's text lane)."""
-        chosen = self.default_templates if templates is None else list(templates)
-        prompt_lists = [class_prompt_texts(cls, chosen) for cls in classes]
-        flat = [p for prompts in prompt_lists for p in prompts]
-        embeddings = (encode_texts or self.encode_texts)(flat)
+        """[N, d]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+        embeddings, offsets = self.prompt_embeddings(classes, templates, encode_texts=encode_texts)
         out = np.empty((len(classes), self.dim), dtype=np.float32)
-        start = 0
-        for i, prompts in enumerate(prompt_lists):
-            out[i] = embeddings[start : start + len(prompts)].mean(axis=0)
-            start += len(prompts)
+        for i in range(len(classes)):
+            out[i] = embeddings[offsets[i] : offsets[i + 1]].mean(axis=0)
         return l2_normalise(out)

@@ -21,6 +21,7 @@ from app.fewshot import build_method, method_inputs
 from app.images import ImageLimits, decode_image
 from app.service.builder import encode_views
 from cache_models import METHODS, CacheMethod, get_method
+from cache_models.prompt_weighting import weighted_class_text
 from cache_models.selection import pick_best
 
 from .datasets import FolderDataset
@@ -41,7 +42,9 @@ class EncodedDataset:
     train_labels: IntArray  # [T]
     test_features: FloatArray  # [E, d]
     test_labels: IntArray  # [E]
-    text: FloatArray  # [N, d]
+    text: FloatArray  # [N, d], each class's plain prompt mean
+    prompts: FloatArray  # [P, d], every class's prompts (class c: rows prompt_offsets[c]:prompt_offsets[c + 1])
+    prompt_offsets: IntArray  # [N + 1]
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,16 @@ def load_images(paths: Sequence[Any], min_decode_side: int) -> list[Image.Image]
 
 
 def encode_dataset(
-    encoder: Encoder, dataset: FolderDataset, *, views: int, seed: int = 0, progress: bool = True
+    encoder: Encoder,
+    dataset: FolderDataset,
+    *,
+    views: int,
+    seed: int = 0,
+    progress: bool = True,
+    templates: Sequence[str] | None = None,
 ) -> EncodedDataset:
-    """Encode every train image under `views` views (seeded per image) and every test image once."""
+    """Encode every train image under `views` views (seeded per image), every test image once, and
+    every class's prompts (`templates`: the model's default set when None)."""
     chunk = 64
     side = 2 * encoder.input_size
     bar = tqdm(
@@ -105,7 +115,8 @@ def encode_dataset(
         test.append(encoder.encode_images(load_images([p for p, _ in items], side)))
         bar.update(len(items))
     bar.close()
-    text = encoder.class_text_weights([ClassPrompts(name) for name in dataset.classes])
+    classes = [ClassPrompts(name) for name in dataset.classes]
+    prompts, prompt_offsets = encoder.prompt_embeddings(classes, templates)
     return EncodedDataset(
         name=dataset.name,
         classes=dataset.classes,
@@ -114,7 +125,9 @@ def encode_dataset(
         train_labels=np.array(dataset.train_labels(), dtype=np.int64),
         test_features=np.concatenate(test),
         test_labels=np.array([label for _, label in dataset.test], dtype=np.int64),
-        text=text,
+        text=encoder.class_text_weights(classes, templates),
+        prompts=prompts,
+        prompt_offsets=prompt_offsets,
     )
 
 
@@ -147,6 +160,7 @@ def evaluate(
     default_method: str = "ape",
     oracle: bool = False,
     paper: bool = False,
+    prompt_weighting: float = 0.0,
 ) -> list[ResultRow]:
     """Test accuracy of every method tuned by leave-one-out on the sampled shots only.
 
@@ -155,6 +169,8 @@ def evaluate(
     `oracle` adds `<method>@oracle` rows: the same grid searched for the best TEST accuracy, an
     upper bound no service can reach, reported to show what leave-one-out tuning leaves. `paper`
     adds `<method>@paper` rows: the method at its papers' default hyper-parameters, untuned.
+    `prompt_weighting` > 0 weighs each class's prompts by its sampled shots (image-guided, TIMO;
+    cache_models.prompt_weighting) instead of averaging them; with one prompt per class it changes nothing.
     """
     rows = []
     # auto compares every method (and falls back to the default one), so it needs them all fitted
@@ -164,21 +180,26 @@ def evaluate(
             picked = sample_shots(data.train_labels, k, seed)
             feats = data.train_views[view_rows(picked, data.views)]
             labels = data.train_labels[picked]
+            drawn = data
+            if prompt_weighting > 0:  # the class text this draw's shots would give a task
+                per_view = np.repeat(labels, data.views)
+                text = weighted_class_text(data.prompts, data.prompt_offsets, feats, per_view, prompt_weighting)
+                drawn = replace(data, text=text)
             fitted = {
-                name: build_method(name, feats, labels, data.text, data.views, scale=scale) for name in fitted_methods
+                name: build_method(name, feats, labels, drawn.text, drawn.views, scale=scale) for name in fitted_methods
             }
             for name, method in fitted.items():
                 if name in methods:
-                    rows.append(_row(name, k, seed, method, data))
+                    rows.append(_row(name, k, seed, method, drawn))
                 if oracle and name != "zero-shot":
-                    rows.append(_oracle_row(name, k, seed, method, feats, labels, data, scale))
+                    rows.append(_oracle_row(name, k, seed, method, feats, labels, drawn, scale))
                 if paper and name != "zero-shot":
-                    keys, key_labels, groups = method_inputs(name, feats, labels, data.views)
-                    untuned = get_method(name)(scale=scale).fit(keys, key_labels, data.text, groups)
-                    rows.append(_row(f"{name}@paper", k, seed, untuned, data))
+                    keys, key_labels, groups = method_inputs(name, feats, labels, drawn.views)
+                    untuned = get_method(name)(scale=scale).fit(keys, key_labels, drawn.text, groups)
+                    rows.append(_row(f"{name}@paper", k, seed, untuned, drawn))
             if AUTO in methods:
                 best = pick_best(fitted) or default_method
-                rows.append(replace(_row(best, k, seed, fitted[best], data), method=AUTO, chosen=best))
+                rows.append(replace(_row(best, k, seed, fitted[best], drawn), method=AUTO, chosen=best))
     return rows
 
 

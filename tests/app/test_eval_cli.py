@@ -6,10 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.cli import main
+from app.encoder.encoder import Encoder
+from app.encoder.prompts import ClassPrompts, template_set
 from app.evaluation.datasets import load_folder_dataset
+from app.evaluation.run import encode_dataset, evaluate, sample_shots, view_rows
+from cache_models.prompt_weighting import weighted_class_text
 from tests.conftest import dataset_dir
 
 
@@ -44,6 +49,7 @@ def test_eval_prints_the_table_and_writes_the_json(
     payload = json.loads(out.read_text())
     assert payload["model"].startswith("offline-standin@")
     assert payload["dataset"] == "mini"
+    assert (payload["templates"], payload["prompt_weighting"]) == (None, 0.0)  # the model's set, plain mean
     results = payload["results"]
     assert len(results) == 2 * 2 * 7  # shots x seeds x methods (6 and auto)
     for row in results:
@@ -63,3 +69,35 @@ def test_eval_refuses_a_folder_without_splits(tmp_path: Path) -> None:
         load_folder_dataset(tmp_path)
     with pytest.raises(SystemExit):
         main(["eval", "--data", str(tmp_path), "--shots", "0"])
+
+
+def test_eval_weighs_prompts_by_the_drawn_shots(encoder: Encoder, tmp_path: Path) -> None:
+    """--prompt-weighting: each draw's zero-shot text is the shots' weighting of the set's prompts, as
+    cache_models.prompt_weighting computes it; 0 keeps the plain mean."""
+    dataset = load_folder_dataset(_small_dataset(tmp_path))
+    seven = template_set("clip-simple-7")
+    data = encode_dataset(encoder, dataset, views=2, progress=False, templates=seven)
+    assert data.prompts.shape[0] == 7 * len(dataset.classes)
+    np.testing.assert_array_equal(data.prompt_offsets, np.arange(4) * 7)
+    np.testing.assert_array_equal(
+        data.text, encoder.class_text_weights([ClassPrompts(c) for c in dataset.classes], seven)
+    )
+
+    def zero_shot_accuracy(gamma: float) -> float:
+        rows = evaluate(data, shots=[2], seeds=[5], methods=["zero-shot"], scale=1.0, prompt_weighting=gamma)
+        return rows[0].accuracy
+
+    picked = sample_shots(data.train_labels, 2, 5)
+    feats = data.train_views[view_rows(picked, 2)]
+    text = weighted_class_text(data.prompts, data.prompt_offsets, feats, np.repeat(data.train_labels[picked], 2), 30.0)
+    assert not np.allclose(text, data.text, atol=1e-4)
+    by_hand = float(np.mean(np.argmax(data.test_features @ text.T, axis=1) == data.test_labels))
+    plain = float(np.mean(np.argmax(data.test_features @ data.text.T, axis=1) == data.test_labels))
+    assert zero_shot_accuracy(30.0) == by_hand
+    assert zero_shot_accuracy(0.0) == plain
+
+
+def test_eval_refuses_unknown_template_sets_and_negative_weighting(tmp_path: Path) -> None:
+    for bad in (["--templates", "nope"], ["--prompt-weighting", "-1"], ["--prompt-weighting", "inf"]):
+        with pytest.raises(SystemExit):
+            main(["eval", "--data", str(tmp_path), *bad])
