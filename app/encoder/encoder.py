@@ -170,8 +170,13 @@ class Encoder:
         encode_texts: Callable[[Sequence[str]], FloatArray] | None = None,
     ) -> FloatArray:
         """[N, d]: per class, the mean of its normalised prompt embeddings, re-normalised."""
-        embeddings, offsets = self.prompt_embeddings(classes, templates, encode_texts=encode_texts)
-        out = np.empty((len(classes), self.dim), dtype=np.float32)
-        for i in range(len(classes)):
-            out[i] = embeddings[offsets[i] : offsets[i + 1]].mean(axis=0)
-        return l2_normalise(out)
+        return prompt_means(*self.prompt_embeddings(classes, templates, encode_texts=encode_texts))
+
+
+def prompt_means(embeddings: FloatArray, offsets: npt.NDArray[np.int64]) -> FloatArray:
+    """[N, d]: per class, the mean of its prompts' rows offsets[c]:offsets[c + 1], re-normalised (CLIP's
+    prompt ensembling)."""
+    out = np.empty((offsets.size - 1, embeddings.shape[1]), dtype=np.float32)
+    for i in range(offsets.size - 1):
+        out[i] = embeddings[offsets[i] : offsets[i + 1]].mean(axis=0)
+    return l2_normalise(out)

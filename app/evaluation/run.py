@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.encoder import Encoder
+from app.encoder.encoder import prompt_means
 from app.encoder.prompts import ClassPrompts
 from app.fewshot import build_method, method_inputs
 from app.images import ImageLimits, decode_image
@@ -125,7 +126,7 @@ def encode_dataset(
         train_labels=np.array(dataset.train_labels(), dtype=np.int64),
         test_features=np.concatenate(test),
         test_labels=np.array([label for _, label in dataset.test], dtype=np.int64),
-        text=encoder.class_text_weights(classes, templates),
+        text=prompt_means(prompts, prompt_offsets),
         prompts=prompts,
         prompt_offsets=prompt_offsets,
     )
