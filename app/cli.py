@@ -78,7 +78,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.run import encode_dataset, evaluate, summary_table
 
     settings = settings_from_args(args)
-    dataset = load_folder_dataset(Path(args.data))
+    try:
+        dataset = load_folder_dataset(Path(args.data))
+        if args.train_only:
+            dataset = dataset.train_only()
+        fewest = min(dataset.train_labels().count(label) for label in range(len(dataset.classes)))
+        if max(args.shots) > fewest:
+            raise ValueError(
+                f"--shots {max(args.shots)} needs that many train images per class; {dataset.name} has {fewest}"
+            )
+    except ValueError as exc:  # checked before anything is encoded
+        print(f"shotcache eval: error: {exc}", file=sys.stderr)
+        return 2
     encoder, fallback = create_encoder(settings)
     if fallback:
         print(f"note: evaluating the offline stand-in model ({fallback})", file=sys.stderr)
@@ -109,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "backend": encoder.backend,
             "dataset": dataset.name,
             "views": args.views,
+            "train_only": args.train_only,
             "templates": args.templates,
             "prompt_weighting": args.prompt_weighting,
             "results": [r.to_dict() for r in rows],
@@ -177,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true", help="also report each method tuned on TEST (an upper bound)")
     ev.add_argument("--paper", action="store_true", help="also report each method at its papers' default values")
     ev.add_argument("--views", type=int, default=1)
+    ev.add_argument(
+        "--train-only",
+        action="store_true",
+        help="never read the test split: per class, shots come from the first half of the train images (by "
+        "file name) and the second half is scored (to choose rules on train data only)",
+    )
     ev.add_argument(
         "--templates",
         type=_template_set_name,

@@ -28,6 +28,21 @@ class FolderDataset:
     def train_labels(self) -> list[int]:
         return [label for _, label in self.train]
 
+    def train_only(self) -> FolderDataset:
+        """The train split alone, split again: per class, the first half of its train images (by file
+        name) to sample shots from, the second half as the test images. For choosing rules without ever
+        reading the test split (a class needs 2 or more train images)."""
+        train: list[tuple[Path, int]] = []
+        test: list[tuple[Path, int]] = []
+        for label, name in enumerate(self.classes):
+            files = [path for path, of in self.train if of == label]
+            if len(files) < 2:
+                raise ValueError(f"class {name!r} has {len(files)} train image(s); splitting it needs 2 or more")
+            half = len(files) // 2
+            train.extend((path, label) for path in files[:half])
+            test.extend((path, label) for path in files[half:])
+        return FolderDataset(f"{self.name} (train split)", self.classes, train, test)
+
 
 def load_folder_dataset(root: Path) -> FolderDataset:
     root = root.resolve()

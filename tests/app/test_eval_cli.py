@@ -101,3 +101,34 @@ def test_eval_refuses_unknown_template_sets_and_negative_weighting(tmp_path: Pat
     for bad in (["--templates", "nope"], ["--prompt-weighting", "-1"], ["--prompt-weighting", "inf"]):
         with pytest.raises(SystemExit):
             main(["eval", "--data", str(tmp_path), *bad])
+
+
+def test_train_only_splits_each_class_of_the_train_split_and_never_reads_test(tmp_path: Path) -> None:
+    dataset = load_folder_dataset(_small_dataset(tmp_path))
+    split = dataset.train_only()
+    assert split.classes == dataset.classes
+    assert split.name == "mini (train split)"
+    train_files = {path for path, _ in dataset.train}
+    assert {p for p, _ in split.train} | {p for p, _ in split.test} == train_files
+    assert not {p for p, _ in split.train} & {p for p, _ in split.test}
+    for label in range(3):  # 4 train images per class: the first 2 by name to sample from, the last 2 scored
+        mine = sorted(p for p, of in dataset.train if of == label)
+        assert [p for p, of in split.train if of == label] == mine[:2]
+        assert [p for p, of in split.test if of == label] == mine[2:]
+
+
+def test_eval_train_only_runs_and_refuses_shots_it_cannot_sample(
+    model_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _small_dataset(tmp_path)
+    for image in (data / "test").rglob("*.jpg"):
+        image.write_bytes(b"not read")  # --train-only must never decode these
+    out = tmp_path / "train-only.json"
+    argv = ["eval", "--model", "offline", "--data-dir", str(model_data_dir), "--data", str(data), "--quiet"]
+    assert main([*argv, "--train-only", "--shots", "1,2", "--seeds", "1", "--methods", "auto", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["train_only"] is True
+    assert payload["dataset"] == "mini (train split)"
+    assert {r["shots"] for r in payload["results"]} == {1, 2}
+    assert main([*argv, "--train-only", "--shots", "3"]) == 2  # 2 images per class to sample from
+    assert "--shots 3 needs that many train images per class; mini (train split) has 2" in capsys.readouterr().err
