@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from app.cli import build_parser as build_service_parser
 from app.cli import cmd_serve, configure_logging, setting_overrides, settings_from_args
+from app.service import METHODS
 
 from .schemas import BuildOut, ClassifyOut, TaskList, TaskOut
 
@@ -257,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = command("create", cmd_task_create, "create a task from a folder with one sub-folder per class")
     create.add_argument("--from-folder", required=True, help="folder/<class>/<image>")
     create.add_argument("--name")
-    create.add_argument(
-        "--method", help="zero-shot, tip-adapter, tip-x, ape, gda, proker or auto (default: the model's)"
-    )
+    create.add_argument("--method", help=f"{', '.join(METHODS)} or auto (default: the model's)")
     create.add_argument("--views", type=int, help="augmented views per shot")
     create.add_argument("--no-wait", action="store_true", help="return once uploaded; the build runs on")
     command("list", cmd_task_list, "list tasks (and builds in progress)")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 
-from app.service import AddShotsRequest, BuildStatus, CreateTaskRequest
+from app.service import METHODS, AddShotsRequest, BuildStatus, CreateTaskRequest
 
 from ..deps import CallerDep, ServiceDep
 from ..errors import status_of
@@ -53,7 +53,7 @@ async def create_task(
     name: Annotated[str | None, Form(description="A name for the task.")] = None,
     method: Annotated[
         str | None,
-        Form(description="zero-shot, tip-adapter, tip-x, ape, gda, proker, or auto (best by leave-one-out)."),
+        Form(description=f"{', '.join(METHODS)}, or auto (best by leave-one-out)."),
     ] = None,
     views: Annotated[int | None, Form(description="Augmented views per shot (1-32).")] = None,
     templates: Annotated[str | None, Form(description="JSON list of prompt templates with one {}.")] = None,

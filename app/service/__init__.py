@@ -1,11 +1,14 @@
 """The service core: tasks, builds, the encoder queue, classification (called by the HTTP layer)."""
 
+from cache_models import METHODS
+
 from .core import Classification, TaskListing, TaskService
 from .registry import BuildStatus, TaskRegistry
 from .requests import AddShotsRequest, ClassifyRequest, CreateTaskRequest, UploadedImage
 from .task import Prediction, Task
 
 __all__ = [
+    "METHODS",
     "AddShotsRequest",
     "BuildStatus",
     "Classification",

@@ -249,3 +249,13 @@ def test_metrics(api_client: TestClient, base_task: dict[str, Any]) -> None:
     tasks = re.search(r"^shotcache_tasks (\S+)$", text, re.MULTILINE)
     assert tasks
     assert float(tasks.group(1)) == len(api_client.get("/v1/tasks").json()["tasks"])
+
+
+def test_the_create_forms_method_field_names_every_method(api_client: TestClient) -> None:
+    """The form's documentation is built from the service's method list (ProKeR was once left out of it)."""
+    schema = api_client.get("/openapi.json").json()
+    ref = schema["paths"]["/v1/tasks"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    described = form["properties"]["method"]["description"]
+    for method in api_client.get("/v1/info").json()["methods"]:
+        assert method in described
