@@ -28,6 +28,18 @@ cell of either data set (2, 3, 4, 8, 16 shots) ever picked it (docs/benchmarks.m
 whose shots do not help keeps each cache method's own way back towards zero-shot: its tuned weight
 of the cache (at 2 shots the few-shot rule's, which shrinks with the zero-shot temperature).
 
+Blending from 3 shots (`choose`): the fold scores of the best methods differ by less than their noise,
+so from BLEND_FROM_SHOTS shots per scored class `auto` answers with the mean of the calibrated
+probabilities (each method's logits over its own leave-one-out temperature) of the BLEND_SIZE methods
+ranked first, instead of betting on one. Measured with `shotcache eval --train-only` (20 draws per
+cell, the test splits never read; docs/benchmarks.md, "`auto` blends"), against the single pick in
+points: 3 shots +1.47 / +1.25 (cifar10-mini / textile-defects), 4 shots +0.85 / -0.31, 8 shots
++0.57 / +1.77; at 2 shots -1.13 / -0.83, where each fold's refit keeps one shot per class and the
+ranking is too noisy for its second place to help, so 2 shots keep one method. Earlier simulations
+(shots drawn from all train images, 16 draws) agreed at 2, 4, 8 and 16 shots. The blend's own report
+(accuracy, cross-entropy, the confusion matrix and the abstain threshold's confidences) is its
+members' fold logits blended the same way: no extra refit.
+
 Re-tuned folds at 4 shots: a method's hyper-parameters were chosen by leave-one-out on the whole
 support, the fold's held-out shots included, so a refit that keeps them scores optimistically, and the
 more so the larger the method's search (APE's ~500 grid points against GDA's 22) and the fewer the
@@ -49,13 +61,17 @@ comparison").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ._validation import FloatArray, IntArray, Support, make_support
 from .base import CacheMethod
-from .tuning import fit_temperature
+from .tuning import TuneReport, fit_temperature
+
+Float64Array = npt.NDArray[np.float64]
 
 ZERO_SHOT = "zero-shot"
 MAX_FOLDS = 4  # shot folds of the cross-method comparison (module docstring)
@@ -69,6 +85,10 @@ ONE_SHOT_CHOICE = "proker"
 # then leaves every class 3 or more shots, above few_shot.FEW_SHOT_MAX, so the fold's tune follows the
 # same recipe (leave-one-out search) as the task's own; up to 4: where it was measured to pay.
 RETUNE_SHOTS = (4, 4)
+# From this many shots per scored class `auto` averages the calibrated probabilities of its BLEND_SIZE
+# best methods instead of keeping one (module docstring; chosen on train-split runs, docs/benchmarks.md).
+BLEND_FROM_SHOTS = 3
+BLEND_SIZE = 2
 MAX_COMPARED_CLASSES = 64  # classes the comparison refits on at most (module docstring)
 _SEED = 0  # the class subset is deterministic: the same task always compares on the same classes
 
@@ -109,12 +129,18 @@ def class_subset(support: Support, classes: IntArray) -> Support:
     return make_support(support.keys[rows], labels, support.text[classes], support.groups[rows])
 
 
+def fewest_scored_shots(support: Support) -> int:
+    """The fewest shots of a class with two or more (a scored class); 0 when none has two."""
+    shots = support.shots_per_class()
+    shots = shots[shots >= 2]
+    return int(shots.min()) if shots.size else 0
+
+
 def retunes_folds(support: Support) -> bool:
     """Whether the comparison re-tunes every method inside each fold: when the fewest shots of a
     scored class is within RETUNE_SHOTS (module docstring)."""
-    shots = support.shots_per_class()
-    shots = shots[shots >= 2]
-    return bool(shots.size) and RETUNE_SHOTS[0] <= int(shots.min()) <= RETUNE_SHOTS[1]
+    fewest = fewest_scored_shots(support)
+    return bool(fewest) and RETUNE_SHOTS[0] <= fewest <= RETUNE_SHOTS[1]
 
 
 def held_out_logits(
@@ -146,9 +172,22 @@ def shot_labels(support: Support, shots: IntArray) -> IntArray:
     return support.labels[first[np.searchsorted(unique, shots)]]
 
 
-def cross_method_scores(methods: Mapping[str, CacheMethod]) -> dict[str, tuple[float, float]]:
-    """(calibrated held-out cross-entropy, held-out accuracy) per tuned cache method, all on the same
-    folds; zero-shot takes no part (module docstring)."""
+@dataclass(frozen=True)
+class FoldScore:
+    """One method on the shared folds: calibrated held-out cross-entropy, held-out accuracy, and the
+    held-out logits [shots, classes] of each scored shot (`shots`: sorted ids). Logit columns and
+    `labels` index `classes`, the task classes compared (all of them up to MAX_COMPARED_CLASSES)."""
+
+    nll: float
+    accuracy: float
+    shots: IntArray
+    labels: IntArray
+    logits: FloatArray
+    classes: IntArray
+
+
+def fold_scores(methods: Mapping[str, CacheMethod]) -> dict[str, FoldScore]:
+    """Every tuned cache method scored on the same folds; zero-shot takes no part (module docstring)."""
     tuned = {name: m for name, m in methods.items() if m.tune_report is not None and name != ZERO_SHOT}
     if not tuned:
         return {}
@@ -162,8 +201,19 @@ def cross_method_scores(methods: Mapping[str, CacheMethod]) -> dict[str, tuple[f
         shots, logits = held_out_logits(method, n_folds, classes, retune=retune)
         labels = shot_labels(class_subset(method.support, classes), shots)
         _, nll = fit_temperature(logits, labels)
-        out[name] = (nll, float(np.mean(np.argmax(logits, axis=1) == labels)))
+        out[name] = FoldScore(nll, float(np.mean(np.argmax(logits, axis=1) == labels)), shots, labels, logits, classes)
     return out
+
+
+def cross_method_scores(methods: Mapping[str, CacheMethod]) -> dict[str, tuple[float, float]]:
+    """(calibrated held-out cross-entropy, held-out accuracy) per tuned cache method, all on the same
+    folds; zero-shot takes no part (module docstring)."""
+    return {name: (score.nll, score.accuracy) for name, score in fold_scores(methods).items()}
+
+
+def _ranked(scores: Mapping[str, FoldScore], order: list[str]) -> list[str]:
+    """Lowest calibrated cross-entropy first (ties to 1e-6: higher held-out accuracy, then the earlier name)."""
+    return sorted(scores, key=lambda n: (round(scores[n].nll, 6), -scores[n].accuracy, order.index(n)))
 
 
 def pick_best(methods: Mapping[str, CacheMethod]) -> str | None:
@@ -171,9 +221,98 @@ def pick_best(methods: Mapping[str, CacheMethod]) -> str | None:
     1e-6: higher held-out accuracy, then the earlier name). With one shot per class ONE_SHOT_CHOICE
     when it is among them, else None (the caller's default). Zero-shot, and methods fitted with given
     hyper-parameters (no `tune_report`), take no part."""
-    scores = cross_method_scores(methods)
+    scores = fold_scores(methods)
     if not scores:
-        tuned = {name for name, m in methods.items() if m.tune_report is not None}
-        return ONE_SHOT_CHOICE if ONE_SHOT_CHOICE in tuned else None
-    order = list(methods)
-    return min(scores, key=lambda n: (round(scores[n][0], 6), -scores[n][1], order.index(n)))
+        return _one_shot_choice(methods)
+    return _ranked(scores, list(methods))[0]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `method=auto` classifies with: one method, or (`blended`) the mean of the calibrated
+    probabilities of `members`, best first, whose own held-out `report` on the shared folds gives the
+    blend's accuracy, confusion and abstain threshold (`blend_report`)."""
+
+    members: tuple[str, ...]
+    temperatures: tuple[float, ...]  # each member's calibration (its leave-one-out temperature)
+    report: TuneReport | None = None
+
+    @property
+    def blended(self) -> bool:
+        return len(self.members) > 1
+
+
+def choose(methods: Mapping[str, CacheMethod]) -> Choice | None:
+    """`method=auto`: from BLEND_FROM_SHOTS shots per scored class the mean calibrated probabilities of
+    the BLEND_SIZE methods `pick_best` ranks first; below, `pick_best`'s one method; None where
+    `pick_best` gives None (the caller's default)."""
+    scores = fold_scores(methods)
+    if not scores:
+        single = _one_shot_choice(methods)
+        return None if single is None else Choice((single,), (_temperature(methods[single]),))
+    ranked = _ranked(scores, list(methods))
+    support = class_subset(methods[ranked[0]].support, next(iter(scores.values())).classes)
+    if len(ranked) < BLEND_SIZE or fewest_scored_shots(support) < BLEND_FROM_SHOTS:
+        return Choice((ranked[0],), (_temperature(methods[ranked[0]]),))
+    members = tuple(ranked[:BLEND_SIZE])
+    temperatures = tuple(_temperature(methods[name]) for name in members)
+    return Choice(members, temperatures, blend_report([scores[name] for name in members], temperatures))
+
+
+def calibrated_probabilities(logits: Sequence[FloatArray], temperatures: Sequence[float]) -> Float64Array:
+    """[Q, N] float64: the mean over methods of softmax(logits / temperature), one logits array and
+    temperature per method; with one method, its calibrated probabilities."""
+    if not logits or len(logits) != len(temperatures):
+        raise ValueError(f"{len(logits)} logit arrays for {len(temperatures)} temperatures")
+    total: Float64Array | None = None
+    for z, temperature in zip(logits, temperatures, strict=True):
+        scaled = np.asarray(z, dtype=np.float64) / temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        probs = np.exp(scaled)
+        probs /= probs.sum(axis=1, keepdims=True)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(logits)
+
+
+def blend_report(scores: Sequence[FoldScore], temperatures: Sequence[float]) -> TuneReport:
+    """The blend's held-out report: its calibrated probabilities on the shared folds' logits of its
+    members (every member scored the same shots). Labels are task classes; temperature 1 (the blend's
+    probabilities are already calibrated member by member)."""
+    first = scores[0]
+    for other in scores[1:]:
+        if not np.array_equal(other.shots, first.shots):
+            raise ValueError("blend members were scored on different shots")
+    probs = calibrated_probabilities([s.logits for s in scores], temperatures)
+    predicted = np.argmax(probs, axis=1).astype(np.int64)
+    correct = predicted == first.labels
+    truth = np.maximum(probs[np.arange(probs.shape[0]), first.labels], np.finfo(np.float64).tiny)
+    return TuneReport(
+        hyperparams={},
+        accuracy=float(np.mean(correct)),
+        nll=float(-np.mean(np.log(truth))),
+        temperature=1.0,
+        n_scored=int(first.labels.size),
+        confidence=probs.max(axis=1).astype(np.float32),
+        correct=correct,
+        rows=first.shots,
+        labels=first.classes[first.labels],
+        predicted=first.classes[predicted],
+    )
+
+
+def blend_hyperparams(members: Mapping[str, Mapping[str, float | int]]) -> dict[str, float | int]:
+    """A blend's hyper-parameters as one mapping: each member's, keyed `member.name`."""
+    return {f"{member}.{key}": value for member, params in members.items() for key, value in params.items()}
+
+
+def _temperature(method: CacheMethod) -> float:
+    report = method.tune_report
+    if report is None:
+        raise ValueError(f"{method.name} is not tuned: it has no calibration to blend with")
+    return report.temperature
+
+
+def _one_shot_choice(methods: Mapping[str, CacheMethod]) -> str | None:
+    tuned = {name for name, m in methods.items() if m.tune_report is not None}
+    return ONE_SHOT_CHOICE if ONE_SHOT_CHOICE in tuned else None

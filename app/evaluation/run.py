@@ -23,7 +23,7 @@ from app.images import ImageLimits, decode_image
 from app.service.builder import encode_views
 from cache_models import METHODS, CacheMethod, get_method
 from cache_models.prompt_weighting import weighted_class_text
-from cache_models.selection import pick_best
+from cache_models.selection import Choice, blend_hyperparams, calibrated_probabilities, choose
 
 from .datasets import FolderDataset
 
@@ -165,8 +165,9 @@ def evaluate(
 ) -> list[ResultRow]:
     """Test accuracy of every method tuned by leave-one-out on the sampled shots only.
 
-    `auto` is the method the service's `method=auto` would pick (`pick_best`: lowest calibrated
-    cross-entropy on shared shot folds; its one-shot choice, else `default_method`, at one shot).
+    `auto` is what the service's `method=auto` would classify with (`choose`: the method with the
+    lowest calibrated cross-entropy on shared shot folds, or from BLEND_FROM_SHOTS shots the blend of
+    the best two; its one-shot choice, else `default_method`, at one shot); `chosen` names them.
     `oracle` adds `<method>@oracle` rows: the same grid searched for the best TEST accuracy, an
     upper bound no service can reach, reported to show what leave-one-out tuning leaves. `paper`
     adds `<method>@paper` rows: the method at its papers' default hyper-parameters, untuned.
@@ -199,9 +200,28 @@ def evaluate(
                     untuned = get_method(name)(scale=scale).fit(keys, key_labels, drawn.text, groups)
                     rows.append(_row(f"{name}@paper", k, seed, untuned, drawn))
             if AUTO in methods:
-                best = pick_best(fitted) or default_method
-                rows.append(replace(_row(best, k, seed, fitted[best], drawn), method=AUTO, chosen=best))
+                rows.append(_auto_row(choose(fitted) or Choice((default_method,), (1.0,)), k, seed, fitted, drawn))
     return rows
+
+
+def _auto_row(choice: Choice, k: int, seed: int, fitted: dict[str, CacheMethod], data: EncodedDataset) -> ResultRow:
+    """What `method=auto` classifies with (`choose`): one method's row, or its blend's."""
+    if not choice.blended:
+        best = choice.members[0]
+        return replace(_row(best, k, seed, fitted[best], data), method=AUTO, chosen=best)
+    members = [fitted[name] for name in choice.members]
+    probs = calibrated_probabilities([m.predict(data.test_features) for m in members], choice.temperatures)
+    report = choice.report
+    return ResultRow(
+        method=AUTO,
+        shots=k,
+        seed=seed,
+        accuracy=float(np.mean(np.argmax(probs, axis=1) == data.test_labels)),
+        hyperparams=blend_hyperparams({m.name: m.hyperparams for m in members}),
+        loo_accuracy=None if report is None else report.accuracy,
+        loo_nll=None if report is None else report.nll,
+        chosen="+".join(choice.members),
+    )
 
 
 def _accuracy(method: CacheMethod, data: EncodedDataset) -> float:

@@ -14,7 +14,10 @@ from app.encoder.encoder import Encoder
 from app.encoder.prompts import ClassPrompts, template_set
 from app.evaluation.datasets import load_folder_dataset
 from app.evaluation.run import encode_dataset, evaluate, sample_shots, view_rows
+from app.fewshot import build_method
+from cache_models import METHODS
 from cache_models.prompt_weighting import weighted_class_text
+from cache_models.selection import BLEND_FROM_SHOTS, calibrated_probabilities
 from tests.conftest import dataset_dir
 
 
@@ -95,6 +98,31 @@ def test_eval_weighs_prompts_by_the_drawn_shots(encoder: Encoder, tmp_path: Path
     plain = float(np.mean(np.argmax(data.test_features @ data.text.T, axis=1) == data.test_labels))
     assert zero_shot_accuracy(30.0) == by_hand
     assert zero_shot_accuracy(0.0) == plain
+
+
+def test_eval_auto_reports_the_blend_the_service_would_classify_with(encoder: Encoder, tmp_path: Path) -> None:
+    """From BLEND_FROM_SHOTS shots `auto`'s row is `choose`'s blend: named by its two members, their
+    tuned hyper-parameters prefixed by member, and the test accuracy of their mean calibrated
+    probabilities (recomputed here from the members fitted on the same draw)."""
+    dataset = load_folder_dataset(_small_dataset(tmp_path))
+    data = encode_dataset(encoder, dataset, views=2, progress=False)
+    k, seed = BLEND_FROM_SHOTS, 4
+    rows = evaluate(data, shots=[k], seeds=[seed], methods=[*METHODS, "auto"], scale=encoder.logit_scale)
+    auto = next(r for r in rows if r.method == "auto")
+    assert auto.chosen is not None
+    members = auto.chosen.split("+")
+    assert len(members) == 2
+    assert set(members) <= set(METHODS) - {"zero-shot"}
+    own = {r.method: r for r in rows}
+    assert auto.hyperparams == {f"{m}.{key}": v for m in members for key, v in own[m].hyperparams.items()}
+    picked = sample_shots(data.train_labels, k, seed)
+    feats, labels = data.train_views[view_rows(picked, 2)], data.train_labels[picked]
+    fitted = [build_method(m, feats, labels, data.text, 2, scale=encoder.logit_scale) for m in members]
+    temperatures = [m.tune_report.temperature for m in fitted if m.tune_report is not None]
+    probs = calibrated_probabilities([m.predict(data.test_features) for m in fitted], temperatures)
+    assert auto.accuracy == float(np.mean(np.argmax(probs, axis=1) == data.test_labels))
+    assert auto.loo_accuracy is not None
+    assert auto.loo_nll is not None
 
 
 def test_eval_refuses_unknown_template_sets_and_negative_weighting(tmp_path: Path) -> None:

@@ -264,3 +264,112 @@ def test_the_comparison_retunes_at_four_shots_and_refits_at_five() -> None:
         assert scores["ape"][0] == pytest.approx(nll, abs=1e-6)
         _, other = held_out_logits(methods["ape"], n_folds, retune=not retune)
         assert not np.allclose(logits, other)  # the two kinds of fold differ here, so the check above can fail
+
+
+def _softmax(z: F64) -> F64:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    out: F64 = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def test_calibrated_probabilities_are_the_mean_of_each_methods_calibrated_softmax() -> None:
+    rng = np.random.default_rng(20)
+    a, b = rng.standard_normal((6, 4)).astype(np.float32) * 5, rng.standard_normal((6, 4)).astype(np.float32)
+    one = selection.calibrated_probabilities([a], [0.5])
+    np.testing.assert_allclose(one, _softmax(a.astype(np.float64) / 0.5), rtol=1e-12)
+    two = selection.calibrated_probabilities([a, b], [0.5, 2.0])
+    expected = (_softmax(a.astype(np.float64) / 0.5) + _softmax(b.astype(np.float64) / 2.0)) / 2
+    np.testing.assert_allclose(two, expected, rtol=1e-12)
+    np.testing.assert_allclose(two.sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="2 logit arrays for 1 temperatures"):
+        selection.calibrated_probabilities([a, b], [1.0])
+
+
+def _all_tuned(
+    seed: int, shots: int, names: tuple[str, ...] = ("zero-shot", "tip-adapter", "ape", "proker")
+) -> dict[str, CacheMethod]:
+    t = make_task(seed, n_classes=4, shots=shots, dim=12, noise=1.0)
+    methods = {}
+    for name in names:
+        m = get_method(name)(scale=20.0)
+        m.tune(t.keys, t.labels, t.text, t.groups)
+        methods[name] = m
+    return methods
+
+
+@pytest.mark.parametrize("shots", [selection.BLEND_FROM_SHOTS - 1])
+def test_below_the_blend_shots_auto_keeps_the_one_best_method(shots: int) -> None:
+    methods = _all_tuned(21, shots)
+    choice = selection.choose(methods)
+    assert choice is not None
+    assert not choice.blended
+    assert choice.report is None
+    assert choice.members == (pick_best(methods),)
+    assert choice.temperatures == (methods[choice.members[0]].tune_report.temperature,)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("shots", [selection.BLEND_FROM_SHOTS, 4, 6])
+def test_from_the_blend_shots_auto_blends_the_two_best_ranked_methods(shots: int) -> None:
+    assert selection.BLEND_FROM_SHOTS >= 2  # 1 shot per class has no folds to blend on
+    assert selection.BLEND_SIZE == 2
+    methods = _all_tuned(22, shots)
+    scores = cross_method_scores(methods)
+    choice = selection.choose(methods)
+    assert choice is not None
+    assert choice.blended
+    ranked = sorted(scores, key=lambda n: scores[n][0])
+    assert choice.members == tuple(ranked[:2])
+    assert choice.members[0] == pick_best(methods)
+    assert "zero-shot" not in choice.members
+    # The blend's report: its calibrated probabilities on the members' own fold logits, recomputed here.
+    n_folds = min(MAX_FOLDS, shots)
+    retune = selection.retunes_folds(methods[ranked[0]].support)
+    probs = np.zeros(1)
+    for name, temperature in zip(choice.members, choice.temperatures, strict=True):
+        assert temperature == methods[name].tune_report.temperature  # type: ignore[union-attr]
+        ids, logits = held_out_logits(methods[name], n_folds, retune=retune)
+        probs = probs + _softmax(logits.astype(np.float64) / temperature)
+    probs /= 2
+    labels = shot_labels(methods[ranked[0]].support, ids)
+    report = choice.report
+    assert report is not None
+    assert report.n_scored == labels.size == 4 * shots
+    np.testing.assert_array_equal(report.labels, labels)
+    np.testing.assert_array_equal(report.predicted, np.argmax(probs, axis=1))
+    np.testing.assert_allclose(report.confidence, probs.max(axis=1), rtol=1e-6)
+    assert report.accuracy == pytest.approx(float(np.mean(np.argmax(probs, axis=1) == labels)))
+    assert report.nll == pytest.approx(float(-np.mean(np.log(probs[np.arange(labels.size), labels]))))
+    assert report.temperature == 1.0
+
+
+def test_a_blends_report_names_task_classes_when_it_compares_a_class_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selection, "MAX_COMPARED_CLASSES", 3)
+    t = make_task(23, n_classes=6, shots=4, dim=12, noise=1.0)
+    methods = {}
+    for name in ("tip-adapter", "proker"):
+        m = get_method(name)(scale=20.0)
+        m.tune(t.keys, t.labels, t.text, t.groups)
+        methods[name] = m
+    choice = selection.choose(methods)
+    assert choice is not None
+    assert choice.report is not None
+    classes = selection.compared_classes(6)
+    assert not np.array_equal(classes, np.arange(3))  # the subset is not the first classes, so the check can fail
+    assert set(choice.report.labels.tolist()) == set(classes.tolist())
+    assert set(choice.report.predicted.tolist()) <= set(classes.tolist())
+
+
+def test_one_method_alone_is_never_blended() -> None:
+    methods = _all_tuned(24, 5, ("zero-shot", "ape"))
+    choice = selection.choose(methods)
+    assert choice is not None
+    assert choice.members == ("ape",)
+
+
+def test_one_shot_per_class_chooses_the_one_shot_choice_alone() -> None:
+    methods = _all_tuned(25, 1)
+    choice = selection.choose(methods)
+    assert choice is not None
+    assert choice.members == (ONE_SHOT_CHOICE,)
+    assert choice.report is None
+    assert selection.choose(_all_tuned(25, 1, ("zero-shot", "ape"))) is None
