@@ -105,12 +105,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmarks(args)
 
 
+def _members(task: TaskOut) -> str:
+    """' of a + b' for an ensemble (the methods whose answers it averages), else ''."""
+    fit = task.methods.get(task.method)
+    return f" of {' + '.join(fit.members)}" if fit is not None and fit.members else ""
+
+
 def _task_summary(task: TaskOut) -> str:
     hyper = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in task.hyperparams.items())
     lines = [
         f"task {task.id}" + (f" ({task.name})" if task.name else "") + f", version {task.version}",
         f"model {task.model} ({task.backend})",
-        f"method {task.method} ({hyper or 'no hyper-parameters'})",
+        f"method {task.method}{_members(task)} ({hyper or 'no hyper-parameters'})",
         f"leave-one-out accuracy {_percent(task.loo_accuracy)}",
     ]
     per_class = {c.name: c for c in task.loo.classes} if task.loo else {}

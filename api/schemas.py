@@ -25,6 +25,12 @@ class ClassOut(BaseModel):
 
 class MethodOut(BaseModel):
     method: str
+    members: list[str] = Field(
+        default_factory=list,
+        description="For `ensemble` (what `auto` serves from a few shots per class on): the methods whose calibrated "
+        "probabilities it averages; its leave-one-out figures are then the blend's on auto's shot folds. "
+        "Empty for a method.",
+    )
     hyperparams: dict[str, float | int]
     loo_accuracy: float | None = Field(description="Leave-one-out accuracy on the shots (None if impossible).")
     loo_nll: float | None

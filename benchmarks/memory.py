@@ -51,7 +51,7 @@ def store_tasks(
     from app.encoder import ClassPrompts
     from app.encoder.factory import ModelDefaults
     from app.fewshot import fit_method, make_supports
-    from app.service.build import choose_method, fit_methods, method_fit
+    from app.service.build import fit_methods, task_fits
     from app.service.persist import to_snapshot
     from app.service.task import Task
     from app.store import LocalDirStore
@@ -67,7 +67,7 @@ def store_tasks(
         methods = {m: fit_method(m, supports, scale=100.0, hyperparams={}) for m in METHODS}
     # Served as a build without a `method` serves it: the model's default method (the stand-in's: APE).
     default = ModelDefaults.for_key(STANDIN_CONFIG).default_method
-    chosen = choose_method(default, methods, default)
+    chosen, fits = task_fits(default, methods, default)
     task = Task(
         tenant="bench",
         task_id="t0",
@@ -82,7 +82,7 @@ def store_tasks(
         classes=tuple(ClassPrompts(f"class {i}", (), True) for i in range(classes)),
         supports=supports,
         shot_seeds=np.zeros(classes * shots, np.int64),
-        fits={name: method_fit(method) for name, method in methods.items()},
+        fits=fits,
         method=chosen,
         method_requested="default",
     )

@@ -41,7 +41,7 @@ def task_out(task: Task) -> TaskOut:
         ],
         method=task.method,
         method_requested=task.method_requested,
-        hyperparams=dict(fit.hyperparams),
+        hyperparams=task.hyperparams(),
         loo_accuracy=fit.loo_accuracy,
         loo=loo_out(task),
         methods={name: MethodOut(**f.summary()) for name, f in task.fits.items()},

@@ -18,9 +18,12 @@ function fmt(value) {
 function renderFacts(task) {
   const facts = $("#task-facts");
   const shots = task.classes.reduce((n, c) => n + c.shots, 0);
+  // An ensemble (what `auto` serves from a few shots per class on) names the methods whose answers it averages.
+  const members = (task.methods[task.method] || {}).members || [];
+  const method = members.length ? `${task.method} of ${members.join(" + ")}` : task.method;
   const hyper = Object.entries(task.hyperparams).map(([k, v]) => `${k} = ${fmt(v)}`).join(", ") || "none";
   const rows = [
-    ["Method", task.method_requested && task.method_requested !== task.method ? `${task.method} (asked: ${task.method_requested})` : task.method],
+    ["Method", task.method_requested && task.method_requested !== task.method ? `${method} (asked: ${task.method_requested})` : method],
     ["Hyper-parameters", hyper],
     ["Leave-one-out accuracy", percent(task.loo_accuracy)],
     ["Classes", `${task.classes.length} classes, ${shots} shots`],

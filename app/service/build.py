@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 
 from app.fewshot import TaskSupports, fit_method
 from cache_models import METHODS, CacheMethod
-from cache_models.selection import pick_best
+from cache_models.selection import Choice, choose
 
 from .requests import AUTO
-from .task import MethodFit, abstain_threshold
+from .task import ENSEMBLE, MethodFit, abstain_threshold
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,38 @@ def fit_methods(supports: TaskSupports, *, scale: float, methods: Sequence[str] 
     return tuned
 
 
-def choose_method(target: str, tuned: Mapping[str, CacheMethod], default: str) -> str:
-    """`auto`: the best held-out score on shared shot folds (`pick_best`, the one selection rule); else
-    `target`, which request validation has checked is a method name."""
-    if target == AUTO:
-        best = pick_best(dict(tuned))
-        return best if best is not None else default
-    return target
+def task_fits(target: str, tuned: Mapping[str, CacheMethod], default: str) -> tuple[str, dict[str, MethodFit]]:
+    """(the method classify uses, every fit the task keeps). `auto`: what `choose` (the one selection
+    rule) says, a blend of methods kept as the ENSEMBLE fit beside them; `auto` with nothing to choose
+    from: `default`; else `target`, which request validation has checked is a method name."""
+    fits = {name: method_fit(m) for name, m in tuned.items()}
+    if target != AUTO:
+        return target, fits
+    choice = choose(dict(tuned))
+    if choice is None:
+        return default, fits
+    if not choice.blended:
+        return choice.members[0], fits
+    fits[ENSEMBLE] = ensemble_fit(choice)
+    return ENSEMBLE, fits
+
+
+def ensemble_fit(choice: Choice) -> MethodFit:
+    """A blend's fit: its members and its held-out report on the shared shot folds."""
+    report = choice.report
+    if report is None:
+        raise ValueError("a blend of methods comes with its held-out report")
+    return MethodFit(
+        name=ENSEMBLE,
+        hyperparams={},
+        state={},
+        loo_accuracy=report.accuracy,
+        loo_nll=report.nll,
+        temperature=1.0,
+        abstain_threshold=abstain_threshold(report.confidence, report.correct),
+        n_scored=report.n_scored,
+        fallback=None,
+        loo_labels=report.labels,
+        loo_predicted=report.predicted,
+        members=choice.members,
+    )

@@ -21,7 +21,7 @@ from app.images import ImageLimits, decode_image
 from app.store import new_incarnation
 from cache_models import METHODS
 
-from .build import choose_method, fit_methods, method_fit
+from .build import fit_methods, task_fits
 from .queue import EncoderQueue
 from .requests import CheckedCreate, CheckedShots, UploadedImage
 from .task import FloatArray, Task
@@ -188,7 +188,8 @@ class TaskBuilder:
             tuned[target] = fixed
         else:
             tuned = fit_methods(task.supports, scale=scale)
-        method = choose_method(target, tuned, self.default_method)
-        built = replace(task, fits={name: method_fit(m) for name, m in tuned.items()}, method=method)
-        built.fitted.keep(tuned[method])  # the others are fitted again on first use (task.py)
+        method, fits = task_fits(target, tuned, self.default_method)
+        built = replace(task, fits=fits, method=method)
+        for name in built.members():  # the others are fitted again on first use (task.py)
+            built.fitted.keep(tuned[name])
         return built

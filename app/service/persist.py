@@ -1,7 +1,7 @@
 """Task <-> store snapshot. The store is schema-agnostic; this module is the schema.
 
-Loading fits only the task's own method; the others keep their stored state and are fitted on first use
-(task.py).
+Loading fits only the task's own method (the ENSEMBLE's: its members); the others keep their stored state
+and are fitted on first use (task.py).
 
 The shots (features in shot order, labels, seeds) and the class text are stored once; each method adds
 only the state that is its own (`CacheMethod.extra_state`, e.g. Tip-X's psi constants), since its
@@ -34,7 +34,7 @@ def to_snapshot(task: Task) -> TaskSnapshot:
         "thumbnails": task.thumbnail_data,
         "thumbnail_offsets": task.thumbnail_offsets,
     }
-    methods_meta = {}
+    methods_meta: dict[str, dict[str, Any]] = {}
     for name, fit in task.fits.items():
         for key, value in fit.state.items():
             arrays[f"method/{name}/{key}"] = value
@@ -49,6 +49,8 @@ def to_snapshot(task: Task) -> TaskSnapshot:
             "n_scored": fit.n_scored,
             "fallback": fit.fallback,
         }
+        if fit.members:  # the ENSEMBLE: its members are fits of their own, stored above
+            methods_meta[name]["members"] = list(fit.members)
     meta = {
         "schema": SCHEMA,
         "name": task.name,
@@ -79,7 +81,14 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
     supports = make_supports(features, labels, text, views)
     fits = {}
     for name, info in meta["methods"].items():
-        hyperparams = get_method(name)(**info["hyperparams"]).hyperparams  # checked now, fitted on first use
+        members = tuple(str(m) for m in info.get("members", ()))
+        if members:  # the ENSEMBLE (task.py): no hyper-parameters; its members must be methods of the task
+            methods = set(meta["methods"]) - {name}
+            if set(members) - methods or any(meta["methods"][m].get("members") for m in members):
+                raise ValueError(f"{name}: members {members} are not methods of the task")
+            hyperparams = {}
+        else:
+            hyperparams = get_method(name)(**info["hyperparams"]).hyperparams  # checked now, fitted on first use
         prefix = f"method/{name}/"
         state = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
         fits[name] = MethodFit(
@@ -95,6 +104,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
             # Absent in tasks stored before the confusion matrix was kept: no matrix, nothing else lost.
             loo_labels=np.asarray(arrays.get(f"loo/{name}/labels", np.zeros(0)), dtype=np.int64),
             loo_predicted=np.asarray(arrays.get(f"loo/{name}/predicted", np.zeros(0)), dtype=np.int64),
+            members=members,
         )
     if meta["method"] not in fits:
         raise ValueError(f"task method {meta['method']!r} has no fitted state")
@@ -119,7 +129,8 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         thumbnail_offsets=np.asarray(arrays.get("thumbnail_offsets", np.zeros(1)), dtype=np.int64),
         incarnation=snapshot.incarnation,
     )
-    # The method classify uses is fitted now (a state it cannot use fails the load here, not a request);
-    # the others on their first use.
-    task.fitted.keep(task.fits[task.method].fit(supports))
+    # The method classify uses (the ENSEMBLE's: its members) is fitted now (a state it cannot use fails
+    # the load here, not a request); the others on their first use.
+    for name in task.members():
+        task.fitted.keep(task.fits[name].fit(supports))
     return task

@@ -29,6 +29,7 @@ from app.heap import release_freed_memory
 from cache_models import CacheMethod, get_method
 from cache_models.base import HyperValue
 from cache_models.evidence import nearest_shots
+from cache_models.selection import blend_hyperparams, calibrated_probabilities
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -37,12 +38,19 @@ IntArray = npt.NDArray[np.int64]
 # leave-one-out shots reached: in-distribution answers are kept at roughly that rate.
 ABSTAIN_KEEP_FRACTION = 0.95
 MIN_CORRECT_FOR_THRESHOLD = 5
+# The fit `method=auto` makes when it blends methods (cache_models.selection.choose): classify averages its
+# members' calibrated probabilities. Not a method of its own: it has no hyper-parameters or arrays.
+ENSEMBLE = "ensemble"
 
 
 @dataclass(frozen=True)
 class MethodFit:
     """A tuned method: its hyper-parameters, its own arrays (`CacheMethod.extra_state`: what fitting it
-    again on the task's support needs, e.g. ProKeR's coefficients) and what leave-one-out said about it."""
+    again on the task's support needs, e.g. ProKeR's coefficients) and what leave-one-out said about it.
+
+    The ENSEMBLE fit has `members` instead (the methods whose calibrated probabilities it averages, each a
+    fit of the task) and no hyper-parameters or state; its report is the blend's own on `auto`'s shared
+    shot folds, not a leave-one-out, and its temperature is 1 (its members are calibrated)."""
 
     name: str
     hyperparams: Mapping[str, HyperValue]
@@ -56,6 +64,7 @@ class MethodFit:
     # Leave-one-out's scored rows: true and predicted class (the confusion matrix; empty if none scored).
     loo_labels: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     loo_predicted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    members: tuple[str, ...] = ()  # the ENSEMBLE's methods; empty for a method
 
     def confusion(self, n_classes: int) -> IntArray:
         """[N, N]: [i, j] scored shots of class i that leave-one-out classified as j."""
@@ -65,12 +74,15 @@ class MethodFit:
 
     def fit(self, supports: TaskSupports) -> CacheMethod:
         """The method fitted on the task's support, as restore fits it (`restore_support`)."""
+        if self.members:
+            raise ValueError(f"{self.name} is fitted as its members {', '.join(self.members)}")
         cls = get_method(self.name)
         return cls(**self.hyperparams).restore_support(supports.for_method(cls), self.state)
 
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.name,
+            "members": list(self.members),
             "hyperparams": dict(self.hyperparams),
             "loo_accuracy": self.loo_accuracy,
             "loo_nll": self.loo_nll,
@@ -184,9 +196,23 @@ class Task:
     def key(self) -> tuple[str, str]:
         return (self.tenant, self.task_id)
 
+    def members(self, name: str | None = None) -> tuple[str, ...]:
+        """The methods that answer for `name` (default: the task's): the ENSEMBLE's members, else itself."""
+        fit = self.fits[name or self.method]
+        return fit.members or (fit.name,)
+
+    def hyperparams(self, name: str | None = None) -> dict[str, HyperValue]:
+        """The hyper-parameters of `name` (default: the task's); the ENSEMBLE's: its members', keyed
+        `member.name`."""
+        fit = self.fits[name or self.method]
+        if not fit.members:
+            return dict(fit.hyperparams)
+        return blend_hyperparams({m: self.fits[m].hyperparams for m in fit.members})
+
     def model(self, name: str | None = None) -> CacheMethod:
-        """The fitted method `name` (default: the task's), fitted now if this is its first use: CPU work,
-        call it from a worker thread. A stored state that no longer fits is `task_damaged`."""
+        """The fitted method `name` (default: the task's; not the ENSEMBLE, whose members are each a
+        model), fitted now if this is its first use: CPU work, call it from a worker thread. A stored
+        state that no longer fits is `task_damaged`."""
         fit = self.fits[name or self.method]
         try:
             return self.fitted.get(fit.name, lambda: fit.fit(self.supports))
@@ -196,9 +222,9 @@ class Task:
             ) from None
 
     def is_fitted(self, name: str | None = None) -> bool:
-        """Whether the method `name` (default: the task's) is fitted already: `model` and `classify` then fit
-        nothing (cheap to call from any thread)."""
-        return self.fitted.has(self.fits[name or self.method].name)
+        """Whether the method `name` (default: the task's; the ENSEMBLE's: all its members) is fitted
+        already: `model` and `classify` then fit nothing (cheap to call from any thread)."""
+        return all(self.fitted.has(member) for member in self.members(name))
 
     @property
     def shot_features(self) -> FloatArray:
@@ -238,7 +264,9 @@ class Task:
     def classify(
         self, features: FloatArray, *, method: str | None, top_k: int, abstain: bool, evidence: int = 0
     ) -> list[Prediction]:
-        """Calibrated top-k per query row. CPU work (cache math, softmax): call it from a worker thread."""
+        """Calibrated top-k per query row (the ENSEMBLE's: the mean of its members' calibrated
+        probabilities, `calibrated_probabilities`). CPU work (cache math, softmax): call it from a worker
+        thread."""
         fit = self.fits[method or self.method]
         near: list[list[tuple[int, str, float]] | None] = [None] * features.shape[0]
         if evidence > 0:
@@ -253,10 +281,10 @@ class Task:
                 ]
                 for rows, cos in zip(index, cosine, strict=True)
             ]
-        logits = self.model(fit.name).predict(features).astype(np.float64) / fit.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
+        members = self.members(fit.name)
+        probs = calibrated_probabilities(
+            [self.model(m).predict(features) for m in members], [self.fits[m].temperature for m in members]
+        )
         k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         names = self.class_names

@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.service.build import fit_methods
-from cache_models.selection import cross_method_scores
+from app.service.task import ENSEMBLE
+from cache_models.selection import BLEND_FROM_SHOTS, cross_method_scores
 
 from .conftest import BASE_CLASSES, BASE_SHOTS, Shot, accuracy, cifar_images, classify, create_task
 
@@ -141,12 +142,16 @@ def test_method_override(
     assert differs == set(METHODS) - {base_task["method"]}
 
 
-def test_auto_picks_the_best_held_out_method(
+def test_auto_blends_the_two_best_held_out_methods(
     api_client: TestClient, base_shots: list[Shot], held_out: list[Shot]
 ) -> None:
+    """From BLEND_FROM_SHOTS shots per class `auto` serves the ENSEMBLE of the two methods with the lowest
+    calibrated cross-entropy on shared shot folds; its answer is the mean of their calibrated answers."""
+    assert BASE_SHOTS >= BLEND_FROM_SHOTS  # else this task would not blend and the test would check nothing
     task = create_task(api_client, base_shots, method="auto")
     assert task["method_requested"] == "auto"
-    assert set(task["methods"]) == set(METHODS)
+    assert task["method"] == ENSEMBLE
+    assert set(task["methods"]) == {*METHODS, ENSEMBLE}
     scores = {name: m for name, m in task["methods"].items() if m["loo_nll"] is not None}
     assert scores, "auto needs leave-one-out scores"
     for m in scores.values():
@@ -154,16 +159,29 @@ def test_auto_picks_the_best_held_out_method(
         assert m["loo_nll"] >= 0.0
         assert m["temperature"] > 0.0
     # auto compares the service's own fitted methods on shared shot folds (cache_models.selection)
-    # (a loaded task keeps only its served method fitted, so tune them again as the build did: deterministic)
+    # (a loaded task keeps only its served methods fitted, so tune them again as the build did: deterministic)
     service = api_client.app.state.service
     built = service.registry.cached(("public", task["id"]))
     tuned = fit_methods(built.supports, scale=service.encoder.logit_scale)
     held_out_scores = cross_method_scores(tuned)
-    best_nll = min(nll for nll, _ in held_out_scores.values())
-    assert held_out_scores[task["method"]][0] == pytest.approx(best_nll, abs=1e-6)
-    assert task["loo_accuracy"] == task["methods"][task["method"]]["loo_accuracy"]
-    answer = classify(api_client, task["id"], held_out[:4])
-    assert {r["method"] for r in answer["results"]} == {task["method"]}
+    ranked = sorted(held_out_scores, key=lambda name: held_out_scores[name][0])
+    ensemble = task["methods"][ENSEMBLE]
+    assert ensemble["members"] == ranked[:2]
+    assert ensemble["hyperparams"] == {}
+    assert ensemble["loo_scored_shots"] == len(base_shots)  # every shot scored once on the folds
+    assert task["loo_accuracy"] == ensemble["loo_accuracy"]
+    assert task["loo"]["method"] == ENSEMBLE
+    assert sum(c["scored"] for c in task["loo"]["classes"]) == len(base_shots)
+    everything = len(BASE_CLASSES)
+    answer = classify(api_client, task["id"], held_out[:4], top_k=everything)
+    assert {r["method"] for r in answer["results"]} == {ENSEMBLE}
+    members = [classify(api_client, task["id"], held_out[:4], top_k=everything, method=m) for m in ranked[:2]]
+    for i, result in enumerate(answer["results"]):
+        per_member = [{e["label"]: e["probability"] for e in m["results"][i]["top_k"]} for m in members]
+        for entry in result["top_k"]:
+            mean = (per_member[0][entry["label"]] + per_member[1][entry["label"]]) / 2
+            assert entry["probability"] == pytest.approx(mean, abs=1e-6)
+    assert per_member[0] != per_member[1]  # the members disagree, so the mean is a real check
 
 
 def test_abstain(

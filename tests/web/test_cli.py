@@ -25,7 +25,17 @@ def run(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
 def test_task_commands(open_server: Server, shot_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = ("--url", open_server.url)
     code, out, err = run(
-        "task", "create", "--from-folder", str(shot_folder), "--name", "cli", "--json", *url, capsys=capsys
+        "task",
+        "create",
+        "--from-folder",
+        str(shot_folder),
+        "--name",
+        "cli",
+        "--method",
+        "auto",
+        "--json",
+        *url,
+        capsys=capsys,
     )
     assert code == 0, err
     task = json.loads(out)
@@ -42,7 +52,13 @@ def test_task_commands(open_server: Server, shot_folder: Path, capsys: pytest.Ca
     code, out, _ = run("task", "show", task["id"], *url, capsys=capsys)
     assert code == 0
     assert f"task {task['id']} (cli), version 1" in out
-    assert f"method {task['method']}" in out
+    # `auto` at SHOTS >= BLEND_FROM_SHOTS shots per class serves the ensemble of its two best methods: shown with them.
+    assert task["method"] == "ensemble"
+    first, second = task["methods"]["ensemble"]["members"]
+    summary = next(line for line in out.splitlines() if line.startswith("method "))
+    assert summary.startswith(f"method ensemble of {first} + {second} (")
+    assert all(f"{key}=" in summary for key in task["hyperparams"])
+    assert any(key.startswith(f"{first}.") for key in task["hyperparams"])
     for name in CLASSES:
         assert any(line.split()[:2] == [name, str(SHOTS)] for line in out.splitlines()), out
 
