@@ -33,10 +33,11 @@ so from BLEND_FROM_SHOTS shots per scored class `auto` answers with the mean of 
 probabilities (each method's logits over its own leave-one-out temperature) of the BLEND_SIZE methods
 ranked first, instead of betting on one. Measured with `shotcache eval --train-only` (20 draws per
 cell, the test splits never read; docs/benchmarks.md, "`auto` blends"), against the single pick in
-points: 3 shots +1.47 / +1.25 (cifar10-mini / textile-defects), 4 shots +0.85 / -0.31, 8 shots
-+0.57 / +1.77; at 2 shots -1.13 / -0.83, where each fold's refit keeps one shot per class and the
+points: 3 shots +1.47 / +1.25 (cifar10-mini / textile-defects), 4 shots +0.84 / -0.31, 8 shots
++0.56 / +1.77; at 2 shots -1.12 / -0.83, where each fold's refit keeps one shot per class and the
 ranking is too noisy for its second place to help, so 2 shots keep one method. Earlier simulations
-(shots drawn from all train images, 16 draws) agreed at 2, 4, 8 and 16 shots. The blend's own report
+(shots drawn from all train images, 16 draws) also lost at 2 shots and gained at 4, 8 and 16. The
+blend's own report
 (accuracy, cross-entropy, the confusion matrix and the abstain threshold's confidences) is its
 members' fold logits blended the same way: no extra refit.
 
