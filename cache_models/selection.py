@@ -37,9 +37,8 @@ points: 3 shots +1.47 / +1.25 (cifar10-mini / textile-defects), 4 shots +0.84 / 
 +0.56 / +1.77; at 2 shots -1.12 / -0.83, where each fold's refit keeps one shot per class and the
 ranking is too noisy for its second place to help, so 2 shots keep one method. Earlier simulations
 (shots drawn from all train images, 16 draws) also lost at 2 shots and gained at 4, 8 and 16. The
-blend's own report
-(accuracy, cross-entropy, the confusion matrix and the abstain threshold's confidences) is its
-members' fold logits blended the same way: no extra refit.
+blend's own report (accuracy, cross-entropy, the confusion matrix and the abstain threshold's
+confidences) is its members' fold logits blended the same way: no extra refit.
 
 Re-tuned folds at 4 shots: a method's hyper-parameters were chosen by leave-one-out on the whole
 support, the fold's held-out shots included, so a refit that keeps them scores optimistically, and the

@@ -215,7 +215,7 @@ export function resetCreate() {
 export function setupCreate(info, onReady) {
   const select = $("#task-method");
   select.replaceChildren(el("option", { value: "", text: `default (${info.default_method})` }));
-  for (const method of info.methods) select.append(el("option", { value: method, text: method === "auto" ? "auto (best leave-one-out)" : method }));
+  for (const method of info.methods) select.append(el("option", { value: method, text: method === "auto" ? "auto (best held-out; 3+ shots: top two)" : method }));
   $("#add-class").addEventListener("click", () => $(".class-name", card(addClass())).focus());
   const folder = $("#classes-folder");
   folder.addEventListener("change", () => {

@@ -73,6 +73,7 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         expect(frog.locator(".count")).to_have_text("6 images")
         expect(page.locator("#create-summary")).to_have_text("3 classes, 14 images")
         frog.locator(".class-prompts").fill("a photo of a green frog")
+        page.locator("#task-method").select_option("auto")  # 4-5 shots per class: auto serves its ensemble
 
         # --- a refused file: the service's message next to that file, nothing lost
         page.get_by_role("button", name="Build the task").click()
@@ -97,7 +98,9 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         assert task["name"] == "vehicles and frogs"
         assert {c["name"]: c["shots"] for c in task["classes"]} == {"airplane": 4, "automobile": 4, "frog": 5}
         facts = page.locator("#task-facts")
-        expect(facts).to_contain_text(task["method"])
+        assert (task["method_requested"], task["method"]) == ("auto", "ensemble")
+        first, second = task["methods"]["ensemble"]["members"]
+        expect(facts).to_contain_text(f"ensemble of {first} + {second} (asked: auto)")
         expect(page.locator("#per-class tbody tr")).to_have_count(3)
         expect(page.locator("#confusion tbody tr")).to_have_count(3)
         names = [c["name"] for c in task["classes"]]
