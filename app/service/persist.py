@@ -3,6 +3,11 @@
 Loading fits only the task's own method (the ENSEMBLE's: its members); the others keep their stored state
 and are fitted on first use (task.py).
 
+The ENSEMBLE (`method=auto` from a few shots per class on) is stored beside the methods, not among them:
+`meta["ensemble"]` holds its members and report, `meta["methods"]` only real methods, and `meta["method"]`
+its first member. A replica running code from before the ensemble (a rolling upgrade on a shared store)
+ignores the key it does not know and serves that best single method; a current one serves the ensemble.
+
 The shots (features in shot order, labels, seeds) and the class text are stored once; each method adds
 only the state that is its own (`CacheMethod.extra_state`, e.g. Tip-X's psi constants), since its
 support is rebuilt from the shared arrays exactly as at build. Nothing else is stored: no FAISS index
@@ -11,6 +16,7 @@ support is rebuilt from the shared arrays exactly as at build. Nothing else is s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,7 +26,7 @@ from app.fewshot import make_supports
 from app.store import TaskSnapshot
 from cache_models import get_method
 
-from .task import MethodFit, Task
+from .task import ENSEMBLE, MethodFit, Task
 
 SCHEMA = 1
 
@@ -35,12 +41,13 @@ def to_snapshot(task: Task) -> TaskSnapshot:
         "thumbnail_offsets": task.thumbnail_offsets,
     }
     methods_meta: dict[str, dict[str, Any]] = {}
+    ensemble: dict[str, Any] | None = None
     for name, fit in task.fits.items():
         for key, value in fit.state.items():
             arrays[f"method/{name}/{key}"] = value
         arrays[f"loo/{name}/labels"] = fit.loo_labels
         arrays[f"loo/{name}/predicted"] = fit.loo_predicted
-        methods_meta[name] = {
+        info = {
             "hyperparams": dict(fit.hyperparams),
             "loo_accuracy": fit.loo_accuracy,
             "loo_nll": fit.loo_nll,
@@ -49,8 +56,10 @@ def to_snapshot(task: Task) -> TaskSnapshot:
             "n_scored": fit.n_scored,
             "fallback": fit.fallback,
         }
-        if fit.members:  # the ENSEMBLE: its members are fits of their own, stored above
-            methods_meta[name]["members"] = list(fit.members)
+        if fit.members:  # the ENSEMBLE: outside `methods` (module docstring); its members are stored there
+            ensemble = {**info, "members": list(fit.members)}
+        else:
+            methods_meta[name] = info
     meta = {
         "schema": SCHEMA,
         "name": task.name,
@@ -61,10 +70,12 @@ def to_snapshot(task: Task) -> TaskSnapshot:
         "views": task.views,
         "templates": list(task.templates),
         "classes": [{"name": c.name, "prompts": list(c.prompts), "templates": c.templates} for c in task.classes],
-        "method": task.method,
+        "method": task.members()[0],  # the ENSEMBLE's first member, for readers that do not know it
         "method_requested": task.method_requested,
         "methods": methods_meta,
     }
+    if ensemble is not None:
+        meta["ensemble"] = ensemble
     return TaskSnapshot(task.tenant, task.task_id, task.version, meta, arrays, task.incarnation)
 
 
@@ -81,33 +92,20 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
     supports = make_supports(features, labels, text, views)
     fits = {}
     for name, info in meta["methods"].items():
-        members = tuple(str(m) for m in info.get("members", ()))
-        if members:  # the ENSEMBLE (task.py): no hyper-parameters; its members must be methods of the task
-            methods = set(meta["methods"]) - {name}
-            if set(members) - methods or any(meta["methods"][m].get("members") for m in members):
-                raise ValueError(f"{name}: members {members} are not methods of the task")
-            hyperparams = {}
-        else:
-            hyperparams = get_method(name)(**info["hyperparams"]).hyperparams  # checked now, fitted on first use
+        hyperparams = get_method(name)(**info["hyperparams"]).hyperparams  # checked now, fitted on first use
         prefix = f"method/{name}/"
         state = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
-        fits[name] = MethodFit(
-            name=name,
-            hyperparams=hyperparams,
-            state=state,
-            loo_accuracy=info["loo_accuracy"],
-            loo_nll=info["loo_nll"],
-            temperature=float(info["temperature"]),
-            abstain_threshold=info["abstain_threshold"],
-            n_scored=int(info["n_scored"]),
-            fallback=info["fallback"],
-            # Absent in tasks stored before the confusion matrix was kept: no matrix, nothing else lost.
-            loo_labels=np.asarray(arrays.get(f"loo/{name}/labels", np.zeros(0)), dtype=np.int64),
-            loo_predicted=np.asarray(arrays.get(f"loo/{name}/predicted", np.zeros(0)), dtype=np.int64),
-            members=members,
-        )
+        fits[name] = _fit(name, info, arrays, hyperparams=hyperparams, state=state)
     if meta["method"] not in fits:
         raise ValueError(f"task method {meta['method']!r} has no fitted state")
+    method = str(meta["method"])
+    if "ensemble" in meta:  # served instead of meta["method"], its first member (module docstring)
+        info = meta["ensemble"]
+        members = tuple(str(m) for m in info["members"])
+        if len(members) < 2 or set(members) - set(fits) or members[0] != method:
+            raise ValueError(f"{ENSEMBLE}: members {members} are not methods of the task led by {method!r}")
+        fits[ENSEMBLE] = _fit(ENSEMBLE, info, arrays, hyperparams={}, state={}, members=members)
+        method = ENSEMBLE
     task = Task(
         tenant=snapshot.tenant,
         task_id=snapshot.task_id,
@@ -123,7 +121,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         supports=supports,
         shot_seeds=np.asarray(arrays["shot_seeds"], dtype=np.int64),
         fits=fits,
-        method=str(meta["method"]),
+        method=method,
         method_requested=str(meta["method_requested"]),
         thumbnail_data=np.asarray(arrays.get("thumbnails", np.zeros(0)), dtype=np.uint8),
         thumbnail_offsets=np.asarray(arrays.get("thumbnail_offsets", np.zeros(1)), dtype=np.int64),
@@ -134,3 +132,29 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
     for name in task.members():
         task.fitted.keep(task.fits[name].fit(supports))
     return task
+
+
+def _fit(
+    name: str,
+    info: dict[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    hyperparams: dict[str, Any],
+    state: dict[str, Any],
+    members: tuple[str, ...] = (),
+) -> MethodFit:
+    return MethodFit(
+        name=name,
+        hyperparams=hyperparams,
+        state=state,
+        loo_accuracy=info["loo_accuracy"],
+        loo_nll=info["loo_nll"],
+        temperature=float(info["temperature"]),
+        abstain_threshold=info["abstain_threshold"],
+        n_scored=int(info["n_scored"]),
+        fallback=info["fallback"],
+        # Absent in tasks stored before the confusion matrix was kept: no matrix, nothing else lost.
+        loo_labels=np.asarray(arrays.get(f"loo/{name}/labels", np.zeros(0)), dtype=np.int64),
+        loo_predicted=np.asarray(arrays.get(f"loo/{name}/predicted", np.zeros(0)), dtype=np.int64),
+        members=members,
+    )

@@ -4,6 +4,9 @@ stored, loaded and classified as one task whose answer is the mean of its member
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +14,14 @@ import pytest
 from app.service import ClassifyRequest, Task, TaskService
 from app.service.persist import from_snapshot, to_snapshot
 from app.service.task import ENSEMBLE
+from app.store import TaskSnapshot
 from cache_models.selection import BLEND_FROM_SHOTS
 
 from .conftest import Loop, cifar_images, uploads
 from .test_service import TENANT, create_request, created
 
 NAMES = ("airplane", "bird", "cat")
+PRE_ENSEMBLE = "bb47b2c"  # the last commit whose persist.py predates the ensemble
 
 
 def _probabilities(task: Task, features: np.ndarray, method: str | None = None) -> np.ndarray:
@@ -59,13 +64,45 @@ def test_an_ensemble_task_is_stored_loaded_and_answers_as_its_members_mean(loop:
 def test_a_stored_ensemble_whose_members_are_missing_does_not_load(loop: Loop, service: TaskService) -> None:
     task = created(loop, service, create_request(NAMES, BLEND_FROM_SHOTS, method="auto"))
     snapshot = to_snapshot(task)
-    methods = dict(snapshot.meta["methods"])
-    methods[ENSEMBLE] = {**methods[ENSEMBLE], "members": ["tip-adapter", "nonsense"]}
-    with pytest.raises(ValueError, match="are not methods of the task"):
-        from_snapshot(dataclasses.replace(snapshot, meta={**snapshot.meta, "methods": methods}))
-    methods[ENSEMBLE] = {**methods[ENSEMBLE], "members": [ENSEMBLE, "ape"]}
-    with pytest.raises(ValueError, match="are not methods of the task"):
-        from_snapshot(dataclasses.replace(snapshot, meta={**snapshot.meta, "methods": methods}))
+    first = task.members()[0]
+
+    def with_members(members: list[str]) -> TaskSnapshot:
+        meta = {**snapshot.meta, "ensemble": {**snapshot.meta["ensemble"], "members": members}}
+        return dataclasses.replace(snapshot, meta=meta)
+
+    for bad in ([first, "nonsense"], [first, ENSEMBLE], [first], [task.members()[1], first]):
+        with pytest.raises(ValueError, match="are not methods of the task"):
+            from_snapshot(with_members(bad))
+
+
+def test_the_stored_ensemble_is_readable_as_its_best_method_by_a_reader_that_predates_it(
+    loop: Loop, service: TaskService
+) -> None:
+    """A rolling upgrade on a shared store: a replica still running the code from before the ensemble
+    (persist.py as of PRE_ENSEMBLE, loaded from git) reads a task stored by this one and serves the
+    ensemble's first member; `meta["methods"]` holds only methods that code knows."""
+    task = created(loop, service, create_request(NAMES, BLEND_FROM_SHOTS, method="auto"))
+    snapshot = to_snapshot(task)
+    assert set(snapshot.meta["methods"]) == set(task.fits) - {ENSEMBLE}
+    assert snapshot.meta["method"] == task.members()[0]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(root), "show", f"{PRE_ENSEMBLE}:app/service/persist.py"],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"this checkout has no git history with {PRE_ENSEMBLE}")
+    assert "ensemble" not in source.lower()  # really the code from before the ensemble
+    module = types.ModuleType("app.service._persist_before_ensemble")
+    module.__package__ = "app.service"
+    exec(compile(source, "persist.py@" + PRE_ENSEMBLE, "exec"), module.__dict__)
+    old = module.from_snapshot(snapshot)
+    assert (old.method, set(old.fits)) == (task.members()[0], set(task.fits) - {ENSEMBLE})
+    shots = task.shot_features[:: task.views][:4]
+    np.testing.assert_allclose(_probabilities(old, shots), _probabilities(task, shots, task.members()[0]), atol=1e-6)
 
 
 def test_below_the_blend_shots_auto_serves_one_method(loop: Loop, service: TaskService) -> None:
