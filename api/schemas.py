@@ -28,8 +28,8 @@ class MethodOut(BaseModel):
     members: list[str] = Field(
         default_factory=list,
         description="For `ensemble` (what `auto` serves from a few shots per class on): the methods whose calibrated "
-        "probabilities it averages; its leave-one-out figures are then the blend's on auto's shot folds. "
-        "Empty for a method.",
+        "probabilities it averages; its leave-one-out figures are then the blend's on auto's shot folds (over "
+        "at most 64 of the task's classes, a fixed subset beyond). Empty for a method.",
     )
     hyperparams: dict[str, float | int]
     loo_accuracy: float | None = Field(description="Leave-one-out accuracy on the shots (None if impossible).")
