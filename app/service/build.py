@@ -6,9 +6,13 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from app.fewshot import TaskSupports, fit_method
 from cache_models import METHODS, CacheMethod
+from cache_models.base import HyperValue
 from cache_models.selection import Choice, choose
+from cache_models.tuning import TuneReport
 
 from .requests import AUTO
 from .task import ENSEMBLE, MethodFit, abstain_threshold
@@ -22,6 +26,17 @@ def method_fit(method: CacheMethod) -> MethodFit:
     name, hyperparams, state = method.name, method.hyperparams, method.extra_state()
     if report is None:  # fitted with given hyper-parameters, not tuned
         return MethodFit(name, hyperparams, state, None, None, 1.0, None, 0, "not tuned")
+    return _reported_fit(name, hyperparams, state, report)
+
+
+def _reported_fit(
+    name: str,
+    hyperparams: Mapping[str, HyperValue],
+    state: Mapping[str, np.ndarray],
+    report: TuneReport,
+    members: tuple[str, ...] = (),
+) -> MethodFit:
+    """A fit with what its held-out report says: a method's leave-one-out, or an ensemble's shot folds."""
     threshold = abstain_threshold(report.confidence, report.correct) if report.n_scored else None
     return MethodFit(
         name=name,
@@ -35,6 +50,7 @@ def method_fit(method: CacheMethod) -> MethodFit:
         fallback=report.fallback,
         loo_labels=report.labels,
         loo_predicted=report.predicted,
+        members=members,
     )
 
 
@@ -65,21 +81,8 @@ def task_fits(target: str, tuned: Mapping[str, CacheMethod], default: str) -> tu
 
 
 def ensemble_fit(choice: Choice) -> MethodFit:
-    """A blend's fit: its members and its held-out report on the shared shot folds."""
-    report = choice.report
-    if report is None:
+    """A blend's fit: its members and its held-out report on the shared shot folds (temperature 1: its
+    members are calibrated each)."""
+    if choice.report is None:
         raise ValueError("a blend of methods comes with its held-out report")
-    return MethodFit(
-        name=ENSEMBLE,
-        hyperparams={},
-        state={},
-        loo_accuracy=report.accuracy,
-        loo_nll=report.nll,
-        temperature=1.0,
-        abstain_threshold=abstain_threshold(report.confidence, report.correct),
-        n_scored=report.n_scored,
-        fallback=None,
-        loo_labels=report.labels,
-        loo_predicted=report.predicted,
-        members=choice.members,
-    )
+    return _reported_fit(ENSEMBLE, {}, {}, choice.report, members=choice.members)

@@ -102,7 +102,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
     if "ensemble" in meta:  # served instead of meta["method"], its first member (module docstring)
         info = meta["ensemble"]
         members = tuple(str(m) for m in info["members"])
-        if len(members) < 2 or set(members) - set(fits) or members[0] != method:
+        if len(set(members)) != len(members) or len(members) < 2 or set(members) - set(fits) or members[0] != method:
             raise ValueError(f"{ENSEMBLE}: members {members} are not methods of the task led by {method!r}")
         fits[ENSEMBLE] = _fit(ENSEMBLE, info, arrays, hyperparams={}, state={}, members=members)
         method = ENSEMBLE

@@ -70,7 +70,7 @@ def test_a_stored_ensemble_whose_members_are_missing_does_not_load(loop: Loop, s
         meta = {**snapshot.meta, "ensemble": {**snapshot.meta["ensemble"], "members": members}}
         return dataclasses.replace(snapshot, meta=meta)
 
-    for bad in ([first, "nonsense"], [first, ENSEMBLE], [first], [task.members()[1], first]):
+    for bad in ([first, "nonsense"], [first, ENSEMBLE], [first], [first, first], [task.members()[1], first]):
         with pytest.raises(ValueError, match="are not methods of the task"):
             from_snapshot(with_members(bad))
 
