@@ -90,6 +90,14 @@ class Settings(BaseSettings):
         32, ge=1, le=512, description="Images per encoder call (requests are micro-batched up to this many)."
     )
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up.")
+    fill_wait_cap_ms: float = Field(
+        30.0,
+        ge=0,
+        le=1000,
+        description="At most this long (and at most 60% of the last encoder call) a classify batch waits for "
+        "the recent concurrency to fill it; 0 turns that wait off. It pays where a fuller encoder call saves "
+        "time per image and can cost where it does not (measured per host: docs/benchmarks.md, the fill wait).",
+    )
     queue_size: int = Field(256, ge=1, description="Images waiting for the encoder before requests get 429.")
     workers: int = Field(2, ge=1, le=64, description="Threads for CPU work outside the encoder.")
     max_pending_builds: int = Field(

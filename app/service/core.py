@@ -93,7 +93,12 @@ class TaskService:
             max_side=settings.max_image_side,
             max_pixels=settings.max_image_pixels,
         )
-        self.queue = EncoderQueue(encoder, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+        self.queue = EncoderQueue(
+            encoder,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            fill_wait_cap_s=settings.fill_wait_cap_ms / 1000.0,
+        )
         self.admission = Admission(
             max_builds=settings.max_pending_builds,
             max_classify_images=settings.queue_size,

@@ -12,7 +12,8 @@ into groups that alternate on the encoder (with 8 clients, two groups of 4: each
 the other group's 4 were being answered, docs/benchmarks.md, request path). That wait is bounded by a
 fraction of the last encoder call and capped; at one client the recent concurrency is 1 and nothing waits.
 Measured (quiet window, 8 clients, raw body): batches of 8 instead of 4, ViT-B-32 88 -> 112 img/s,
-the stand-in 108-115 -> 123-129; 1 client unchanged.
+the stand-in 108-115 -> 123-129; 1 client unchanged. That was an Intel host with AMX; on an AMD EPYC host the
+wait bought ViT-B-32 nothing and cost the stand-in 3-11%, so SHOTCACHE_FILL_WAIT_CAP_MS=0 turns it off per host.
 
 Image jobs come as uint8 crops: a lone job's crops go to the encoder as they are, a batch of several is copied
 into one uint8 buffer the worker reuses, and the image tower normalises them (inside the OpenVINO graph, or
@@ -40,6 +41,7 @@ import numpy as np
 from app.encoder import Encoder
 from app.encoder.preprocess import Crops, check_crops
 from app.errors import AppError, ErrorCode
+from app.settings import Settings
 
 from . import metrics
 from .task import FloatArray
@@ -55,8 +57,9 @@ LANES: tuple[Lane, ...] = ("interactive", "text", "bulk")
 # that finds nobody costs at most 60% of one call once, after which the recent concurrency falls ...
 FILL_WAIT_FRACTION = 0.6
 # ... and never more than this, so a slow encoder (a big model, a loaded machine) does not add much latency
-# to a request. 0 turns the fill wait off (the `announce` wait is `max_wait_ms`'s).
-FILL_WAIT_CAP_S = 0.030
+# to a request. 0 turns the fill wait off (the `announce` wait is `max_wait_ms`'s). It is a setting,
+# SHOTCACHE_FILL_WAIT_CAP_MS (30 ms), since whether the wait pays depends on the host; this is its default.
+FILL_WAIT_CAP_S = float(Settings.model_fields["fill_wait_cap_ms"].default) / 1000.0
 # How far back the recent concurrency looks: this long, short enough that a burst's concurrency soon stops
 # making batches wait once it ends (1.0 s made a lone request after an 8-client burst wait: ViT-B-32's
 # first 1-client run after one took 3.2-3.4 ms outside the encoder against 2.4-2.6 in the next; at 0.2 s,
