@@ -5,14 +5,14 @@ The CI test (tests/reliability/test_crash_safety.py) runs a few iterations; the 
 
     .venv/bin/python -m tests.reliability.crash_loop --iterations 60
 
-Each iteration: start `shotcache serve` on the same data dir, verify the state (below), send one create
-(6 shots, 2 classes) or one add-shots (2 shots, sometimes a new class), alternately, and SIGKILL the
-server. When, is drawn per kill, a third each: anywhere (uniform in [0, 1.15] x the measured duration of
-that kind of request); near the end, where the task is written and the answer sent ([0.8, 1.2] x); or
-during the write itself (as soon as the store's temp dir or temp manifest appears on disk, plus 0-30 ms).
-The first create and the first add-shots are killed early ([0, 0.25] x), so both kinds surely die in
-flight. Most kills land while the request is being decoded, encoded, tuned or written; some just after
-the answer.
+Each iteration: start `shotcache serve` on the same data dir, verify the state (below), send one create (6
+shots, 2 classes; every other one with method=auto, i.e. the ensemble) or one add-shots (2 shots, sometimes a
+new class), alternately, and SIGKILL the server. When, is drawn per kill, a third each: anywhere (uniform in
+[0, 1.15] x the measured duration of that kind of request); near the end, where the task is written and the
+answer sent ([0.8, 1.2] x); or during the write itself (as soon as the store's temp dir or temp manifest
+appears on disk, plus 0-30 ms). The first create and the first add-shots are killed early ([0, 0.25] x), so
+both kinds surely die in flight. Most kills land while the request is being decoded, encoded, tuned or
+written; some just after the answer.
 
 What is accepted after a restart (anything else fails the run):
 
@@ -175,13 +175,10 @@ class CrashLoop:
         if iteration % 2 == 0 or not self.acked:  # alternate: kills during both kinds of write
             labels = self.rng.sample(CLASSES, 2)
             items = shots("train", labels, 3, skip=self.rng.randrange(32))
-            return Request(
-                "create",
-                "/v1/tasks",
-                parts(items),
-                {"labels": [label for _, label in items], "name": f"crash-{iteration}"},
-                {label: 3 for label in labels},
-            )
+            data: dict[str, Any] = {"labels": [label for _, label in items], "name": f"crash-{iteration}"}
+            if iteration % 4 == 0:  # every other create: `auto`, which stores the two-method ensemble at 3 shots
+                data["method"] = "auto"
+            return Request("create", "/v1/tasks", parts(items), data, {label: 3 for label in labels})
         target = self.acked[self.rng.choice(sorted(self.acked))]
         counts = _shot_counts(target.body)
         added = [self.rng.choice(sorted(counts))]
