@@ -16,11 +16,11 @@ from pathlib import Path
 from app.settings import Settings
 
 from .backends import ImageTower, TextTower
-from .backends.cache import EXPORTED_BACKENDS, ONNX_BACKENDS, ExportError, model_folder
-from .choice import REFERENCE, BackendChoice, host_key, measure, read_choice, write_choice
+from .backends.cache import CHECK_PROMPTS, EXPORTED_BACKENDS, ONNX_BACKENDS, ExportError, model_folder
+from .choice import REFERENCE, BackendChoice, Towers, host_key, measure, read_choice, write_choice
 from .encoder import Encoder, ServedModel
 from .errors import EncoderLoadError
-from .exported import find_export, find_exported_model, open_towers, unreachable_reason
+from .exported import ExportedModel, find_export, find_exported_model, open_towers, unreachable_reason
 from .load import LoadedModel, ModelSource, hub_reachable, load_model
 from .preprocess import Preprocessor
 from .prompts import template_set
@@ -211,7 +211,7 @@ def available_backends() -> list[str]:
 
 def _auto_towers(loaded: LoadedModel, settings: Settings) -> tuple[ImageTower, TextTower, BackendChoice | None]:
     """`auto` on the torch path: the cached choice for this host, else measure every available backend."""
-    from .backends.export import CHECK_PROMPTS, ensure_export
+    from .backends.export import ensure_export
 
     host = host_key(settings.threads)
     folder = model_folder(loaded.identity, settings.data_dir)
@@ -242,12 +242,49 @@ def _auto_towers(loaded: LoadedModel, settings: Settings) -> tuple[ImageTower, T
         log.warning("auto: no fp32 export to measure against; taking %s's default %s", loaded.config_key, default)
         image, text = make_towers(loaded, default, settings)
         return image, text, None
-    choice = measure(candidates, loaded.preprocess, loaded.tokenize(CHECK_PROMPTS), host)
+    return _measured(candidates, loaded, host, folder)
+
+
+def _measure_exported(model: ExportedModel, settings: Settings) -> tuple[ImageTower, TextTower, BackendChoice] | str:
+    """`auto` on a host it has not measured, from the exports alone: every available backend's export timed
+    and checked as on the torch path, the choice cached. Only where torch could add nothing, because every
+    backend is exported or torch is not installed (the Docker image: without this, a host other than the
+    build host, or another CPU limit, failed the start with a missing torch); else why not."""
+    import importlib.util
+
+    exports = {backend: find_export(model, backend, settings.data_dir) for backend in available_backends()}
+    missing = sorted(backend for backend, export in exports.items() if isinstance(export, str))
+    if missing and importlib.util.find_spec("torch") is not None:
+        return (
+            f"no measured backend choice for {model.identity.model_id} on this host yet, and no export of "
+            f"{', '.join(missing)} to measure without torch"
+        )
+    candidates: dict[str, Towers] = {}
+    for backend, export in exports.items():
+        if isinstance(export, str):
+            continue
+        try:
+            towers = open_towers(export, settings.threads, model.preprocess, text_idle_s=settings.text_tower_idle_s)
+        except ExportError as exc:
+            log.info("auto: %s is not a candidate for %s: %s", backend, model.identity.model_id, exc)
+            continue
+        if towers[0].name == backend:  # an onnx-int8 export that kept fp32 towers is `onnx` again
+            candidates[backend] = towers
+    if REFERENCE not in candidates:
+        return f"no fp32 ({REFERENCE}) export of {model.identity.model_id} to measure the others against"
+    return _measured(candidates, model, host_key(settings.threads), model.folder)
+
+
+def _measured(
+    candidates: dict[str, Towers], model: ServedModel, host: str, folder: Path
+) -> tuple[ImageTower, TextTower, BackendChoice]:
+    """The fastest eligible of `candidates` on this host (choice.py), cached in `folder` and logged."""
+    choice = measure(candidates, model.preprocess, model.tokenize(CHECK_PROMPTS), host)
     try:
         write_choice(folder, choice)
-    except OSError as exc:
+    except OSError as exc:  # e.g. a read-only baked model folder: measured again at the next start
         log.warning("auto: could not cache the backend choice in %s: %s", folder, exc)
-    log.info("auto: measured %s on %s: %s", loaded.identity.model_id, host, _summary(choice))
+    log.info("auto: measured %s on %s: %s", model.identity.model_id, host, _summary(choice))
     image, text = candidates[choice.backend]
     return image, text, choice
 
@@ -279,23 +316,30 @@ def _open_exported(settings: Settings) -> tuple[Encoder, str | None] | str:
     model, fallback = found
     backend: str = settings.backend
     choice = None
+    towers: tuple[ImageTower, TextTower] | None = None
     if backend == "auto":
         choice = read_choice(model.folder, host_key(settings.threads))
         if choice is None:
-            return f"no measured backend choice for {model.identity.model_id} on this host yet"
+            measured = _measure_exported(model, settings)
+            if isinstance(measured, str):
+                return measured
+            image, text, choice = measured
+            towers = image, text
+        else:
+            log.info("auto: %s (cached for this host)", _summary(choice))
         backend = choice.backend
-    export = find_export(model, backend, settings.data_dir)
-    if isinstance(export, str):
-        return f"no usable {backend} export of {model.identity.model_id}: {export}"
-    try:
-        image, text = open_towers(export, settings.threads, model.preprocess, text_idle_s=settings.text_tower_idle_s)
-    except ExportError as exc:
-        return str(exc)
+    if towers is None:
+        export = find_export(model, backend, settings.data_dir)
+        if isinstance(export, str):
+            return f"no usable {backend} export of {model.identity.model_id}: {export}"
+        try:
+            towers = open_towers(export, settings.threads, model.preprocess, text_idle_s=settings.text_tower_idle_s)
+        except ExportError as exc:
+            return str(exc)
+    image, text = towers
     if fallback is not None:
         announce_fallback(fallback)
     log.info("serving %s from its %s export, without torch", model.identity.model_id, backend)
-    if choice is not None:
-        log.info("auto: %s (cached for this host)", _summary(choice))
     encoder = _encoder(model, image, text, settings)
     encoder.backend_choice = choice.to_dict() if choice is not None else None
     return encoder, fallback

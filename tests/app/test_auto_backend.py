@@ -141,3 +141,40 @@ def test_a_changed_export_recipe_makes_the_host_measure_again(monkeypatch: pytes
     assert host_key(2) == before
     monkeypatch.setitem(EXPORT_FORMATS, "openvino", EXPORT_FORMATS["openvino"] + 1)
     assert host_key(2) != before
+
+
+# An installation without torch (the Docker image's runtime): `import torch` fails and find_spec finds nothing.
+WITHOUT_TORCH = """
+import importlib.util, sys
+BLOCKED = {"torch", "open_clip", "timm", "transformers", "torchvision"}
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in BLOCKED else _find(name, package)
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_a_host_not_measured_yet_is_measured_from_the_exports_without_torch(
+    encoder: Encoder, model_data_dir: Path, tmp_path: Path
+) -> None:
+    # A baked image started on another host (or another CPU limit) than it was built on: its model folder has
+    # exports but no choice for this host. Before, the start fell to the torch path and died without torch.
+    mine = _private_copy(model_data_dir, tmp_path / "data", encoder)
+    (mine / CHOICE_FILE).unlink()
+    script = WITHOUT_TORCH + START + "\nprint(json.dumps(sorted(set(sys.modules) & BLOCKED)))"
+    env = {**__import__("os").environ, "SHOTCACHE_DATA_DIR": str(tmp_path / "data")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    *_, answer, imported = run.stdout.strip().splitlines()
+    backend, choice = json.loads(answer)
+    assert json.loads(imported) == []
+    assert choice["cached"] is False  # measured now, on this host
+    assert "onnx" in choice["candidates"]  # the fp32 reference the others were checked against
+    assert backend == choice["backend"]
+    assert choice["candidates"][backend]["eligible"]
+    table = json.loads((mine / CHOICE_FILE).read_text())
+    assert table[host_key(2)]["backend"] == backend  # cached: the next start reads it

@@ -28,6 +28,13 @@ EXPORTED_BACKENDS = ONNX_BACKENDS + OPENVINO_BACKENDS
 # openvino-int8 3: its text tower with int8 weights; openvino 3: bf16 kept only at `auto`'s bf16 bound, else fp32.
 EXPORT_FORMATS = {"onnx": 1, "onnx-int8": 1, "openvino": 3, "openvino-int8": 3}
 INPUT_NAMES = {"image": "pixels", "text": "tokens"}
+# Prompts an export's text tower is checked on against torch, and `auto` checks backends on against fp32.
+CHECK_PROMPTS = (
+    "a photo of a dog.",
+    "a photo of a red sports car.",
+    "a close-up photo of a scratched metal surface.",
+    "an aerial photo of a harbour with many small boats.",
+)
 
 Tower = Literal["image", "text"]
 

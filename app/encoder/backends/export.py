@@ -32,6 +32,7 @@ import torch
 
 from ..folders import file_lock, install_folder, sha256_file
 from ..load import LoadedModel
+from .cache import CHECK_PROMPTS as CHECK_PROMPTS  # re-exported: the prompts every export is checked on
 from .cache import (
     EXPORT_FORMATS,
     EXPORTED_BACKENDS,
@@ -55,12 +56,6 @@ QUANTIZED_OPS = ("MatMul", "Gemm")
 FP32_MIN_COSINE = 0.9999
 FP32_MAX_REL_ERROR = 1e-3  # max |onnx - torch| / max |torch|
 INT8_MIN_COSINE = 0.99
-CHECK_PROMPTS = (
-    "a photo of a dog.",
-    "a photo of a red sports car.",
-    "a close-up photo of a scratched metal surface.",
-    "an aerial photo of a harbour with many small boats.",
-)
 
 FloatArray = npt.NDArray[np.float32]
 
