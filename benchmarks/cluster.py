@@ -19,6 +19,7 @@ all of them by PID. It needs the `postgres` extra, not the tests package nor pyt
 from __future__ import annotations
 
 import itertools
+import shutil
 import statistics
 import tempfile
 import threading
@@ -202,6 +203,7 @@ def bench_cluster(config: BenchConfig) -> dict[str, Any]:
 
     server = postgres_server.acquire()
     replicas: list[Any] = []
+    root: Path | None = None
     try:
         count_statements(server)
         results: dict[str, Any] = {"load_start": load_average()}
@@ -235,6 +237,8 @@ def bench_cluster(config: BenchConfig) -> dict[str, Any]:
         for replica in replicas:
             replica.stop()
         postgres_server.release()
+        if root is not None:  # the replicas' data dirs and logs
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def cluster_markdown(result: dict[str, Any]) -> str:
