@@ -3,7 +3,8 @@
 # docker/Dockerfile from a wheelhouse with --network none (Docker: BuildKit, then the classic builder;
 # podman: `podman build --format docker`, optionally `buildah bud`), runs it with a named volume, waits
 # for health, creates a task from real images, classifies, restarts the container and checks the answers
-# are identical, checks the user (non-root), read-only code, graceful stop, and memory (`stats`).
+# are identical, checks the user (non-root), read-only code, graceful stop, and memory (`stats`), then starts
+# it once more with another CPU limit (`auto` measuring the baked exports, torch-free) on the same volume.
 # Prints the image size, ready times and memory at the end.
 #
 #   docker/test-image.sh                         # from the repository root; ~10-20 min on 2 cores, first run
@@ -403,12 +404,32 @@ case "$code" in 0 | 143) ;; *) fail "exit code $code after $ENGINE stop (137 = k
 grep -q "Finished server process" "$OUT/container.log" || fail "uvicorn did not shut down cleanly"
 log "stopped gracefully in $STOP s (exit $code)"
 
+# Another CPU limit, so another thread count than the build's: no backend choice is cached for it (and the
+# baked folder is read-only), so `auto` measures the baked exports at the start, without torch (a start
+# like this one died on a missing torch before 22184be). The same volume: the task is restored and answers.
+t0=$(now)
+"$ENGINE" rm "$NAME" >/dev/null 2>>"$OUT/engine.log"
+"$ENGINE" run -d --name "$NAME" --network host --cpus 1 --memory 4g -v "$VOLUME:/data" \
+    -e SHOTCACHE_HOST=127.0.0.1 -e SHOTCACHE_PORT="$PORT" --stop-timeout 30 "$IMAGE" >/dev/null 2>>"$OUT/engine.log" \
+    || { tail -5 "$OUT/engine.log"; fail "$ENGINE run --cpus 1 failed"; }
+READY_CPUS1=$(wait_ready "$t0")
+classify "$OUT/cpus1.json"
+"$PYTHON" - "$OUT/before.json" "$OUT/cpus1.json" <<'EOF' || fail "other labels with --cpus 1"
+import json, sys
+before, after = (json.load(open(p)) for p in sys.argv[1:])
+assert [r["label"] for r in before["results"]] == [r["label"] for r in after["results"]]
+EOF
+"$ENGINE" logs "$NAME" >"$OUT/container-cpus1.log" 2>&1
+grep -q "auto: measured" "$OUT/container-cpus1.log" || fail "--cpus 1: auto did not measure the baked exports"
+"$ENGINE" stop -t 30 "$NAME" >/dev/null 2>>"$OUT/engine.log"
+log "--cpus 1: ready in $READY_CPUS1 s, $(grep -o 'chose [a-z0-9-]*' "$OUT/container-cpus1.log" | head -1), same labels"
+
 cat >"$OUT/summary.txt" <<EOF
 image $IMAGE (base $BASE): $SIZE bytes ($((SIZE / 1000000)) MB)
 engine: $ENGINE_VERSION
 builds: $(for b in $BUILDERS; do printf '%s %s s; ' "$b" "$(cat "$OUT/build-$b.seconds")"; done)
 lowest free disk while building (MB): $(for b in $BUILDERS; do printf '%s %s; ' "$b" "$(cat "$OUT/build-$b.lowest-free-mb")"; done)
-ready: first start $READY_FIRST s, after restart $READY_RESTART s
+ready: first start $READY_FIRST s, after restart $READY_RESTART s, with --cpus 1 (auto measuring) $READY_CPUS1 s
 memory ($ENGINE stats, and the server's RSS): after task create + classify $MEM_WARM, after restart + classify $MEM_RESTART
 graceful stop: $STOP s
 total: $(($(date +%s) - started)) s, load: $(cut -d' ' -f1-3 /proc/loadavg)
