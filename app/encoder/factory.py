@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.settings import Settings
 
 from .backends import ImageTower, TextTower
-from .backends.cache import CHECK_PROMPTS, EXPORTED_BACKENDS, ONNX_BACKENDS, ExportError, model_folder
+from .backends.cache import CHECK_PROMPTS, EXPORTED_BACKENDS, ONNX_BACKENDS, Export, ExportError, model_folder
 from .choice import REFERENCE, BackendChoice, Towers, host_key, measure, read_choice, write_choice
 from .encoder import Encoder, ServedModel
 from .errors import EncoderLoadError
@@ -219,24 +220,12 @@ def _auto_towers(loaded: LoadedModel, settings: Settings) -> tuple[ImageTower, T
     if cached is not None:
         image, text = make_towers(loaded, cached.backend, settings)
         return image, text, cached if image.name == cached.backend else None
-    candidates: dict[str, tuple[ImageTower, TextTower]] = {}
-    for backend in available_backends():
-        try:
-            towers = open_towers(
-                ensure_export(loaded, backend, settings.data_dir, threads=settings.threads),
-                settings.threads,
-                loaded.preprocess,
-                text_idle_s=settings.text_tower_idle_s,
-            )
-        except Exception as exc:  # ExportError, or what the runtime raised: the backend is just not a candidate
-            log.info("auto: %s is not a candidate for %s: %s", backend, loaded.identity.model_id, exc)
-            continue
-        if towers[0].name != backend:  # e.g. an onnx-int8 export that kept fp32 towers is `onnx` again
-            log.info(
-                "auto: %s runs as %s for %s: not a candidate of its own", backend, towers[0].name, loaded.config_key
-            )
-            continue
-        candidates[backend] = towers
+    candidates = _candidates(
+        loaded,
+        settings,
+        available_backends(),
+        lambda backend: ensure_export(loaded, backend, settings.data_dir, threads=settings.threads),
+    )
     if REFERENCE not in candidates:
         default = ModelDefaults.for_key(loaded.config_key).default_backend
         log.warning("auto: no fp32 export to measure against; taking %s's default %s", loaded.config_key, default)
@@ -259,20 +248,32 @@ def _measure_exported(model: ExportedModel, settings: Settings) -> tuple[ImageTo
             f"no measured backend choice for {model.identity.model_id} on this host yet, and no export of "
             f"{', '.join(missing)} to measure without torch"
         )
-    candidates: dict[str, Towers] = {}
-    for backend, export in exports.items():
-        if isinstance(export, str):
-            continue
-        try:
-            towers = open_towers(export, settings.threads, model.preprocess, text_idle_s=settings.text_tower_idle_s)
-        except ExportError as exc:
-            log.info("auto: %s is not a candidate for %s: %s", backend, model.identity.model_id, exc)
-            continue
-        if towers[0].name == backend:  # an onnx-int8 export that kept fp32 towers is `onnx` again
-            candidates[backend] = towers
+    found = {backend: export for backend, export in exports.items() if not isinstance(export, str)}
+    candidates = _candidates(model, settings, list(found), found.__getitem__)
     if REFERENCE not in candidates:
         return f"no fp32 ({REFERENCE}) export of {model.identity.model_id} to measure the others against"
     return _measured(candidates, model, host_key(settings.threads), model.folder)
+
+
+def _candidates(
+    model: ServedModel, settings: Settings, backends: Sequence[str], export_of: Callable[[str], Export]
+) -> dict[str, Towers]:
+    """The backends `auto` can measure, each opened over its export (`export_of`: made through torch, or
+    found on disk); one whose export fails or runs as another backend is not a candidate."""
+    candidates: dict[str, Towers] = {}
+    for backend in backends:
+        try:
+            towers = open_towers(
+                export_of(backend), settings.threads, model.preprocess, text_idle_s=settings.text_tower_idle_s
+            )
+        except Exception as exc:  # ExportError, or what the runtime raised: the backend is just not a candidate
+            log.info("auto: %s is not a candidate for %s: %s", backend, model.identity.model_id, exc)
+            continue
+        if towers[0].name != backend:  # e.g. an onnx-int8 export that kept fp32 towers is `onnx` again
+            log.info("auto: %s runs as %s for %s: not its own candidate", backend, towers[0].name, model.config_key)
+            continue
+        candidates[backend] = towers
+    return candidates
 
 
 def _measured(

@@ -178,3 +178,35 @@ def test_a_host_not_measured_yet_is_measured_from_the_exports_without_torch(
     assert choice["candidates"][backend]["eligible"]
     table = json.loads((mine / CHOICE_FILE).read_text())
     assert table[host_key(2)]["backend"] == backend  # cached: the next start reads it
+
+
+def test_with_torch_installed_a_fully_exported_model_is_measured_without_loading_it(
+    encoder: Encoder, model_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.encoder import factory
+    from app.encoder.exported import find_exported_model
+    from app.settings import Settings
+
+    mine = _private_copy(model_data_dir, tmp_path / "data", encoder)
+    (mine / CHOICE_FILE).unlink()
+    settings = Settings(model="offline", backend="auto", threads=2, data_dir=tmp_path / "data")
+
+    def torch_path(*_: Any) -> Any:
+        raise AssertionError("the model was loaded through torch")
+
+    monkeypatch.setattr(factory, "_resolve", torch_path)
+    # Every installed backend exported: nothing torch could add, so the start measures from the exports.
+    monkeypatch.setattr(factory, "available_backends", lambda: ["onnx", "onnx-int8"])
+    started, _ = factory.create_encoder(settings)
+    assert started.backend_choice is not None
+    assert started.backend_choice["cached"] is False
+    assert json.loads((mine / CHOICE_FILE).read_text())[host_key(2)]["backend"] == started.backend
+    # A backend without an export (the stand-in's openvino-int8 never exports): torch could make it, so the
+    # torch-free path steps aside and says why.
+    (mine / CHOICE_FILE).unlink()
+    monkeypatch.setattr(factory, "available_backends", lambda: ["onnx", "openvino-int8"])
+    found = find_exported_model(settings)
+    assert not isinstance(found, str)
+    reason = factory._measure_exported(found[0], settings)
+    assert isinstance(reason, str)
+    assert "openvino-int8" in reason
