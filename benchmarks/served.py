@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,9 @@ class Server:
     """`shotcache serve` on a fresh data dir that links the bench data dir's model and export cache (the
     process itself is the one helper every test and benchmark starts: server_process.py)."""
 
-    def __init__(self, config: BenchConfig, model: str, backend: str) -> None:
+    def __init__(
+        self, config: BenchConfig, model: str, backend: str, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.config = config
         self.model = model
         self.backend = backend
@@ -68,6 +71,7 @@ class Server:
         (data / "exports").symlink_to(exports, target_is_directory=True)
         env = {"SHOTCACHE_THREADS": str(config.threads), "SHOTCACHE_BACKEND": backend}
         env["SHOTCACHE_MAX_CREATE_FILES"] = "4096"
+        env.update(extra_env or {})  # e.g. a setting an A/B compares (docs/scripts/fill_wait_ab.py)
         if model == "offline":
             link = standin_dir(data)
             link.parent.mkdir(parents=True)
@@ -119,19 +123,21 @@ def _image(pixels: Any) -> Any:
     return Image.fromarray(pixels)
 
 
-def started_server(config: BenchConfig, model: str, backend: str) -> tuple[Server, dict[str, Any]]:
+def started_server(
+    config: BenchConfig, model: str, backend: str, extra_env: Mapping[str, str] | None = None
+) -> tuple[Server, dict[str, Any]]:
     """A ready server, started from a warm data dir where it can be: a start that loaded torch (the first
     of a model, which exports it and, for `auto`, measures the backends) is stopped and started again,
     torch-free. Its start: ready seconds, VmRSS right after the warm-up, whether torch is mapped, and the
     first start's ready seconds when it was redone."""
-    server = Server(config, model, backend)
+    server = Server(config, model, backend, extra_env)
     start: dict[str, Any] = {}
     try:
         start["ready_s"] = server.wait_ready()
         if backend != "torch" and torch_mapped(server.process.pid):
             start["first_start_ready_s"] = start["ready_s"]
             server.stop()
-            server = Server(config, model, backend)
+            server = Server(config, model, backend, extra_env)
             start["ready_s"] = server.wait_ready()
         start["rss_ready_mb"] = peak_rss_mb(server.process.pid).get("VmRSS", float("nan"))
         start["torch_mapped"] = torch_mapped(server.process.pid)

@@ -12,7 +12,6 @@ repository root (docs/benchmarks.md, "The fill wait per host"):
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -27,21 +26,7 @@ config = BenchConfig(data_dir=Path(sys.argv[6]), threads=2)
 VARIANTS: dict[str, dict[str, str]] = {"default": {}, "off": {"SHOTCACHE_FILL_WAIT_CAP_MS": "0"}}
 
 
-def started(extra: dict[str, str]) -> served.Server:
-    """The bench's server, with `extra` in its environment."""
-    plain = served.ServerProcess
-
-    def with_extra(data: Path, log: Path, env: dict[str, str], **kw: Any) -> Any:
-        return plain(data, log, {**env, **extra}, **kw)
-
-    served.ServerProcess = with_extra  # type: ignore[assignment,misc]
-    try:
-        return served.started_server(config, model, backend)[0]
-    finally:
-        served.ServerProcess = plain  # type: ignore[misc]
-
-
-servers = {name: started(extra) for name, extra in VARIANTS.items()}
+servers = {name: served.started_server(config, model, backend, extra)[0] for name, extra in VARIANTS.items()}
 tasks = {}
 shots, probes = served.shots_and_probes(config, 16)
 try:
