@@ -150,6 +150,21 @@ def test_export_is_reused_and_keyed_by_model_identity(tmp_path: Path) -> None:
     assert manifest["weights_sha256"] == loaded.identity.weights_sha256
 
 
+def test_an_export_writes_nothing_to_stdout_and_no_exporter_warnings(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first start exports in the service's process: the dynamo exporter's progress lines ('[torch.onnx] Run
+    decompositions...') and onnxscript's routine constant-folding warnings would land in the operator's log."""
+    caplog.set_level(logging.DEBUG)
+    capfd.readouterr()
+    found = export.ensure_export(tiny_model(3), "onnx", tmp_path)
+    assert found.image.precision == "fp32"
+    out, _ = capfd.readouterr()
+    assert "[torch.onnx]" not in out
+    assert not [r for r in caplog.records if r.name.startswith("onnxscript") and r.levelno < logging.ERROR]
+    assert logging.getLogger("onnxscript").level == logging.NOTSET  # restored after the export
+
+
 def test_int8_export_quantizes_matmuls_and_stays_close(tmp_path: Path) -> None:
     loaded = tiny_model(0)
     encoder = tiny_encoder(loaded, "onnx-int8", tmp_path)

@@ -257,13 +257,14 @@ def _export_fp32(loaded: LoadedModel, tower: Tower, path: Path, threads: int) ->
     }
     for exporter, extra in options.items():
         try:
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            with warnings.catch_warnings(), _quiet_exporter_logs(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")  # the exporters warn about deprecations and tracing details
                 torch.onnx.export(
                     module,
                     (example,),
                     str(path),
                     dynamo=exporter == "dynamo",
+                    verbose=False,  # else the dynamo exporter prints its progress to stdout, into the service's log
                     input_names=[name],
                     output_names=["features"],
                     **extra,
@@ -359,6 +360,20 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+@contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """onnxscript's optimizer logs a WARNING whenever a constant fold does not apply ('Evaluation failed: cannot
+    reshape ...'), which is routine for a graph with a dynamic batch and reads like a failed export in an operator's
+    log. What decides an export is `verify`, so its records below ERROR are dropped for the export's duration."""
+    logger = logging.getLogger("onnxscript")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
