@@ -167,6 +167,12 @@ class RequestRules:
             raise _invalid(
                 ErrorCode.INVALID_TOP_K, f"top_k must be between 1 and {self.settings.max_top_k}, got {request.top_k}"
             )
+        if request.method == AUTO:  # /v1/info lists it among the methods: say where it applies
+            raise _invalid(
+                ErrorCode.UNKNOWN_METHOD,
+                f"method 'auto' is chosen when a task is created (method=auto on create); at classify, leave "
+                f"method out for this task's own ({task.method}) or name one of: {', '.join(task.fits)}",
+            )
         if request.method is not None and request.method not in task.fits:
             raise _invalid(
                 ErrorCode.UNKNOWN_METHOD, f"unknown method {request.method!r}; valid: {', '.join(task.fits)}"
