@@ -63,6 +63,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -186,18 +187,41 @@ class FoldScore:
     classes: IntArray
 
 
-def fold_scores(methods: Mapping[str, CacheMethod]) -> dict[str, FoldScore]:
-    """Every tuned cache method scored on the same folds; zero-shot takes no part (module docstring)."""
-    tuned = {name: m for name, m in methods.items() if m.tune_report is not None and name != ZERO_SHOT}
+@dataclass(frozen=True)
+class FoldPlan:
+    """How the methods are compared: on `classes` (task classes, sorted), `n_folds` shot folds, each
+    method re-tuned inside every fold when `retune` (module docstring)."""
+
+    classes: IntArray
+    n_folds: int
+    retune: bool
+
+
+def _compared(methods: Mapping[str, CacheMethod]) -> dict[str, CacheMethod]:
+    return {name: m for name, m in methods.items() if m.tune_report is not None and name != ZERO_SHOT}
+
+
+def fold_plan(methods: Mapping[str, CacheMethod]) -> FoldPlan | None:
+    """The comparison `fold_scores` runs; None when nothing can be held out (no tuned cache method, or no
+    compared class with two shots)."""
+    tuned = _compared(methods)
     if not tuned:
-        return {}
+        return None
     classes = compared_classes(next(iter(tuned.values())).support.n_classes)
     n_folds = min(fold_count(class_subset(m.support, classes)) for m in tuned.values())
     if n_folds == 0:
+        return None
+    return FoldPlan(classes, n_folds, retunes_folds(class_subset(next(iter(tuned.values())).support, classes)))
+
+
+def fold_scores(methods: Mapping[str, CacheMethod]) -> dict[str, FoldScore]:
+    """Every tuned cache method scored on the same folds; zero-shot takes no part (module docstring)."""
+    plan = fold_plan(methods)
+    if plan is None:
         return {}
-    retune = retunes_folds(class_subset(next(iter(tuned.values())).support, classes))
+    classes, n_folds, retune = plan.classes, plan.n_folds, plan.retune
     out = {}
-    for name, method in tuned.items():
+    for name, method in _compared(methods).items():
         shots, logits = held_out_logits(method, n_folds, classes, retune=retune)
         labels = shot_labels(class_subset(method.support, classes), shots)
         _, nll = fit_temperature(logits, labels)
@@ -228,18 +252,41 @@ def pick_best(methods: Mapping[str, CacheMethod]) -> str | None:
 
 
 @dataclass(frozen=True)
+class Ranked:
+    """One method as `auto` ranked it on the shared folds: calibrated held-out cross-entropy (what ranks)
+    and held-out accuracy."""
+
+    method: str
+    nll: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
 class Choice:
     """What `method=auto` classifies with: one method, or (`blended`) the mean of the calibrated
     probabilities of `members`, best first, whose own held-out `report` on the shared folds gives the
-    blend's accuracy, confusion and abstain threshold (`blend_report`)."""
+    blend's accuracy, confusion and abstain threshold (`blend_report`). Why: `ranking`, every compared
+    method best first, on `plan`'s folds (both empty / None when nothing could be held out and the one-shot
+    choice was taken)."""
 
     members: tuple[str, ...]
     temperatures: tuple[float, ...]  # each member's calibration (its leave-one-out temperature)
     report: TuneReport | None = None
+    ranking: tuple[Ranked, ...] = ()
+    plan: FoldPlan | None = None
+    scored_shots: int = 0  # shots the comparison held out and scored (each method the same ones)
 
     @property
     def blended(self) -> bool:
         return len(self.members) > 1
+
+    @property
+    def rule(self) -> Literal["blend", "best", "one-shot"]:
+        """ "blend" (the mean of the best BLEND_SIZE), "best" (the best alone: too few shots to blend) or
+        "one-shot" (no class has two shots: ONE_SHOT_CHOICE)."""
+        if not self.ranking:
+            return "one-shot"
+        return "blend" if self.blended else "best"
 
 
 def choose(methods: Mapping[str, CacheMethod]) -> Choice | None:
@@ -251,12 +298,14 @@ def choose(methods: Mapping[str, CacheMethod]) -> Choice | None:
         single = _one_shot_choice(methods)
         return None if single is None else Choice((single,), (_temperature(methods[single]),))
     ranked = _ranked(scores, list(methods))
+    ranking = tuple(Ranked(name, scores[name].nll, scores[name].accuracy) for name in ranked)
+    plan, scored = fold_plan(methods), int(scores[ranked[0]].labels.size)
     support = class_subset(methods[ranked[0]].support, next(iter(scores.values())).classes)
-    if len(ranked) < BLEND_SIZE or fewest_scored_shots(support) < BLEND_FROM_SHOTS:
-        return Choice((ranked[0],), (_temperature(methods[ranked[0]]),))
-    members = tuple(ranked[:BLEND_SIZE])
+    blend = len(ranked) >= BLEND_SIZE and fewest_scored_shots(support) >= BLEND_FROM_SHOTS
+    members = tuple(ranked[:BLEND_SIZE]) if blend else (ranked[0],)
     temperatures = tuple(_temperature(methods[name]) for name in members)
-    return Choice(members, temperatures, blend_report([scores[name] for name in members], temperatures))
+    report = blend_report([scores[name] for name in members], temperatures) if blend else None
+    return Choice(members, temperatures, report, ranking, plan, scored)
 
 
 def calibrated_probabilities(logits: Sequence[FloatArray], temperatures: Sequence[float]) -> Float64Array:

@@ -373,3 +373,32 @@ def test_one_shot_per_class_chooses_the_one_shot_choice_alone() -> None:
     assert choice.members == (ONE_SHOT_CHOICE,)
     assert choice.report is None
     assert selection.choose(_all_tuned(25, 1, ("zero-shot", "ape"))) is None
+
+
+@pytest.mark.parametrize(("shots", "rule"), [(2, "best"), (4, "blend")])
+def test_a_choice_carries_the_ranking_it_was_made_from(shots: int, rule: str) -> None:
+    """Why `auto` chose: every compared method (zero-shot never) best first, with the same cross-entropy and
+    accuracy `cross_method_scores` gives, on the folds it states."""
+    methods = _all_tuned(26, shots)
+    scores = cross_method_scores(methods)
+    choice = selection.choose(methods)
+    assert choice is not None
+    assert choice.rule == rule
+    assert [r.method for r in choice.ranking] == sorted(scores, key=lambda n: scores[n][0])
+    assert "zero-shot" not in {r.method for r in choice.ranking}
+    for ranked in choice.ranking:
+        assert (ranked.nll, ranked.accuracy) == pytest.approx(scores[ranked.method])
+    assert choice.members == tuple(r.method for r in choice.ranking[: len(choice.members)])
+    assert choice.plan is not None
+    assert choice.plan.n_folds == min(MAX_FOLDS, shots)
+    assert choice.plan.retune == selection.retunes_folds(methods["ape"].support)
+    assert choice.plan.classes.tolist() == [0, 1, 2, 3]
+    assert choice.scored_shots == 4 * shots
+
+
+def test_a_one_shot_choice_has_no_ranking() -> None:
+    choice = selection.choose(_all_tuned(27, 1))
+    assert choice is not None
+    assert choice.rule == "one-shot"
+    assert choice.ranking == ()
+    assert choice.plan is None
