@@ -67,7 +67,7 @@ def store_tasks(
         methods = {m: fit_method(m, supports, scale=100.0, hyperparams={}) for m in METHODS}
     # Served as a build without a `method` serves it: the model's default method (the stand-in's: APE).
     default = ModelDefaults.for_key(STANDIN_CONFIG).default_method
-    chosen, fits = task_fits(default, methods, default)
+    chosen, fits, _ = task_fits(default, methods, default)
     task = Task(
         tenant="bench",
         task_id="t0",

@@ -5,11 +5,12 @@ from cache_models import METHODS
 from .core import Classification, TaskListing, TaskService
 from .registry import BuildStatus, TaskRegistry
 from .requests import AddShotsRequest, ClassifyRequest, CreateTaskRequest, UploadedImage
-from .task import Prediction, Task
+from .task import AutoSelection, Prediction, Task
 
 __all__ = [
     "METHODS",
     "AddShotsRequest",
+    "AutoSelection",
     "BuildStatus",
     "Classification",
     "ClassifyRequest",

@@ -15,7 +15,7 @@ from cache_models.selection import Choice, choose
 from cache_models.tuning import TuneReport
 
 from .requests import AUTO
-from .task import ENSEMBLE, MethodFit, abstain_threshold
+from .task import ENSEMBLE, AutoSelection, MethodFit, RankedMethod, abstain_threshold
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,35 @@ def fit_methods(supports: TaskSupports, *, scale: float, methods: Sequence[str] 
     return tuned
 
 
-def task_fits(target: str, tuned: Mapping[str, CacheMethod], default: str) -> tuple[str, dict[str, MethodFit]]:
-    """(the method classify uses, every fit the task keeps). `auto`: what `choose` (the one selection
-    rule) says, a blend of methods kept as the ENSEMBLE fit beside them; `auto` with nothing to choose
-    from: `default`; else `target`, which request validation has checked is a method name."""
+def task_fits(
+    target: str, tuned: Mapping[str, CacheMethod], default: str
+) -> tuple[str, dict[str, MethodFit], AutoSelection | None]:
+    """(the method classify uses, every fit the task keeps, how `auto` chose). `auto`: what `choose` (the
+    one selection rule) says, a blend of methods kept as the ENSEMBLE fit beside them; `auto` with nothing
+    to choose from: `default`; else `target`, which request validation has checked is a method name (no
+    selection)."""
     fits = {name: method_fit(m) for name, m in tuned.items()}
     if target != AUTO:
-        return target, fits
+        return target, fits, None
     choice = choose(dict(tuned))
     if choice is None:
-        return default, fits
+        return default, fits, AutoSelection("default", (), 0, 0, 0, False)
     if not choice.blended:
-        return choice.members[0], fits
+        return choice.members[0], fits, auto_selection(choice)
     fits[ENSEMBLE] = ensemble_fit(choice)
-    return ENSEMBLE, fits
+    return ENSEMBLE, fits, auto_selection(choice)
+
+
+def auto_selection(choice: Choice) -> AutoSelection:
+    plan = choice.plan
+    return AutoSelection(
+        rule=choice.rule,
+        ranking=tuple(RankedMethod(r.method, r.accuracy, r.nll) for r in choice.ranking),
+        folds=0 if plan is None else plan.n_folds,
+        compared_classes=0 if plan is None else int(plan.classes.size),
+        scored_shots=choice.scored_shots,
+        retuned=plan is not None and plan.retune,
+    )
 
 
 def ensemble_fit(choice: Choice) -> MethodFit:

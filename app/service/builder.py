@@ -188,8 +188,8 @@ class TaskBuilder:
             tuned[target] = fixed
         else:
             tuned = fit_methods(task.supports, scale=scale)
-        method, fits = task_fits(target, tuned, self.default_method)
-        built = replace(task, fits=fits, method=method)
+        method, fits, selection = task_fits(target, tuned, self.default_method)
+        built = replace(task, fits=fits, method=method, selection=selection)
         for name in built.members():  # the others are fitted again on first use (task.py)
             built.fitted.keep(tuned[name])
         return built

@@ -7,6 +7,8 @@ The ENSEMBLE (`method=auto` from a few shots per class on) is stored beside the 
 `meta["ensemble"]` holds its members and report, `meta["methods"]` only real methods, and `meta["method"]`
 its first member. A replica running code from before the ensemble (a rolling upgrade on a shared store)
 ignores the key it does not know and serves that best single method; a current one serves the ensemble.
+`meta["selection"]` (how `auto` ranked the methods) is optional in the same way: absent in tasks stored
+before it existed and in tasks built with a named method, and a malformed one is dropped, not the task.
 
 The shots (features in shot order, labels, seeds) and the class text are stored once; each method adds
 only the state that is its own (`CacheMethod.extra_state`, e.g. Tip-X's psi constants), since its
@@ -16,6 +18,7 @@ support is rebuilt from the shared arrays exactly as at build. Nothing else is s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +29,9 @@ from app.fewshot import make_supports
 from app.store import TaskSnapshot
 from cache_models import get_method
 
-from .task import ENSEMBLE, MethodFit, Task
+from .task import ENSEMBLE, SELECTION_RULES, AutoSelection, MethodFit, RankedMethod, Task
+
+log = logging.getLogger(__name__)
 
 SCHEMA = 1
 
@@ -76,6 +81,8 @@ def to_snapshot(task: Task) -> TaskSnapshot:
     }
     if ensemble is not None:
         meta["ensemble"] = ensemble
+    if task.selection is not None:
+        meta["selection"] = selection_meta(task.selection)
     return TaskSnapshot(task.tenant, task.task_id, task.version, meta, arrays, task.incarnation)
 
 
@@ -126,6 +133,7 @@ def from_snapshot(snapshot: TaskSnapshot) -> Task:
         thumbnail_data=np.asarray(arrays.get("thumbnails", np.zeros(0)), dtype=np.uint8),
         thumbnail_offsets=np.asarray(arrays.get("thumbnail_offsets", np.zeros(1)), dtype=np.int64),
         incarnation=snapshot.incarnation,
+        selection=_selection(snapshot.task_id, meta.get("selection")),
     )
     # The method classify uses (the ENSEMBLE's: its members) is fitted now (a state it cannot use fails
     # the load here, not a request); the others on their first use.
@@ -158,3 +166,39 @@ def _fit(
         loo_predicted=np.asarray(arrays.get(f"loo/{name}/predicted", np.zeros(0)), dtype=np.int64),
         members=members,
     )
+
+
+def selection_meta(selection: AutoSelection) -> dict[str, Any]:
+    return {
+        "rule": selection.rule,
+        "ranking": [{"method": r.method, "accuracy": r.accuracy, "nll": r.nll} for r in selection.ranking],
+        "folds": selection.folds,
+        "compared_classes": selection.compared_classes,
+        "scored_shots": selection.scored_shots,
+        "retuned": selection.retuned,
+    }
+
+
+def _selection(task_id: str, info: Any) -> AutoSelection | None:
+    if info is None:
+        return None
+    try:
+        rule = next(r for r in SELECTION_RULES if r == info["rule"])  # StopIteration: not a rule
+        return AutoSelection(
+            rule=rule,
+            ranking=tuple(
+                RankedMethod(str(r["method"]), float(r["accuracy"]), float(r["nll"])) for r in info["ranking"]
+            ),
+            folds=int(info["folds"]),
+            compared_classes=int(info["compared_classes"]),
+            scored_shots=int(info["scored_shots"]),
+            retuned=bool(info["retuned"]),
+        )
+    except (KeyError, TypeError, ValueError, StopIteration) as exc:  # an explanation, not the task: serve it without
+        log.warning(
+            "task %s: its stored `auto` ranking is unreadable (%s: %s); served without it",
+            task_id,
+            type(exc).__name__,
+            exc,
+        )
+        return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -166,6 +166,34 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class RankedMethod:
+    """One cache method as `method=auto` ranked it: refitted without each shot fold, scored on the held-out
+    shots (every method on the same ones)."""
+
+    method: str
+    accuracy: float  # held-out accuracy on the shared folds
+    nll: float  # calibrated held-out cross-entropy: what ranks
+
+
+# "blend" (the mean of the two best), "best", "one-shot" (no class has 2 shots), "default" (nothing to choose)
+SelectionRule = Literal["blend", "best", "one-shot", "default"]
+SELECTION_RULES: tuple[SelectionRule, ...] = ("blend", "best", "one-shot", "default")
+
+
+@dataclass(frozen=True)
+class AutoSelection:
+    """How `method=auto` chose the task's method (cache_models.selection.choose), kept with the task to show
+    why; a task built with a named method has none."""
+
+    rule: SelectionRule
+    ranking: tuple[RankedMethod, ...]  # best first; empty for "one-shot" and "default"
+    folds: int  # shot folds of the comparison (0: none)
+    compared_classes: int  # classes it refitted on (all, or a fixed subset of a large task)
+    scored_shots: int
+    retuned: bool  # every method re-tuned inside each fold (its search scored too), not only refitted
+
+
+@dataclass(frozen=True)
 class Task:
     tenant: str
     task_id: str
@@ -189,6 +217,7 @@ class Task:
     # Set when the task is created, kept by every later version: the store refuses an update built from
     # another task that had this id before (None: a task stored before incarnations existed).
     incarnation: str | None = None
+    selection: AutoSelection | None = None  # method=auto: how it chose `method`
     # Not an init field: `dataclasses.replace` (a new version) starts with none fitted, never the old ones.
     fitted: FittedMethods = field(default_factory=FittedMethods, init=False, compare=False, repr=False)
 
