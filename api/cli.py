@@ -125,6 +125,19 @@ def _task_summary(task: TaskOut) -> str:
         loo = per_class.get(c.name)
         rows.append([c.name, str(c.shots), f"{_percent(loo.accuracy)} ({loo.correct}/{loo.scored})" if loo else "-"])
     lines += ["", table(["class", "shots", "leave-one-out"], rows)]
+    if task.selection is not None and task.selection.ranking:
+        fit = task.methods.get(task.method)
+        picked = set(fit.members) if fit is not None and fit.members else {task.method}
+        ranking = [
+            [r.method + (" *" if r.method in picked else ""), _percent(r.fold_accuracy), f"{r.fold_nll:.3f}"]
+            for r in task.selection.ranking
+        ]
+        lines += [
+            "",
+            f"auto ({task.selection.rule}): every method refitted on {task.selection.folds} shared shot folds, "
+            f"{task.selection.scored_shots} held-out shots, best first (* = serves)",
+            table(["method", "held-out accuracy", "cross-entropy"], ranking),
+        ]
     return "\n".join(lines)
 
 

@@ -64,6 +64,27 @@ class LooOut(BaseModel):
     )
 
 
+class RankedMethodOut(BaseModel):
+    method: str
+    fold_accuracy: float = Field(description="Accuracy on the held-out shots, the method refitted without each fold.")
+    fold_nll: float = Field(description="Calibrated cross-entropy on the same held-out shots; ranks, lowest first.")
+
+
+class SelectionOut(BaseModel):
+    """How `method=auto` chose: every cache method refitted on the same shot folds and ranked, best first."""
+
+    rule: Literal["blend", "best", "one-shot", "default"] = Field(
+        description="`blend`: the mean of the calibrated probabilities of the two ranked first (from 3 shots per "
+        "class); `best`: the first alone (2 shots per class); `one-shot`: no class has two shots, nothing can be "
+        "held out, the one-shot choice is taken; `default`: nothing to choose from, the model's default."
+    )
+    ranking: list[RankedMethodOut] = Field(description="Best first; zero-shot takes no part. Empty for one-shot.")
+    folds: int = Field(description="Shot folds: each class's shots dealt round-robin, each fold held out once.")
+    compared_classes: int = Field(description="Classes compared: all, or a fixed subset of 64 for a larger task.")
+    scored_shots: int
+    retuned: bool = Field(description="Each method's search re-run inside every fold (at 4 shots per class).")
+
+
 class TaskOut(BaseModel):
     id: str
     status: Literal["ready"] = "ready"
@@ -84,6 +105,12 @@ class TaskOut(BaseModel):
         default=None, description="Per-class leave-one-out accuracy and confusion matrix of `method`."
     )
     methods: dict[str, MethodOut]
+    selection: SelectionOut | None = Field(
+        default=None,
+        description="For a task created with method=auto: why `method` was chosen (null for a named method). Each "
+        "method's own `loo_accuracy` above is not comparable across methods (APE's and GDA's statistics see the "
+        "held-out shot); this ranking is, every method scored on the same held-out shots.",
+    )
 
 
 class BuildOut(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.service import BuildStatus, Classification, Task, UploadedImage
+from app.service import AutoSelection, BuildStatus, Classification, Task, UploadedImage
 
 from ..schemas import (
     BuildOut,
@@ -18,6 +18,8 @@ from ..schemas import (
     LabelProbability,
     LooOut,
     MethodOut,
+    RankedMethodOut,
+    SelectionOut,
     TaskOut,
 )
 
@@ -45,6 +47,20 @@ def task_out(task: Task) -> TaskOut:
         loo_accuracy=fit.loo_accuracy,
         loo=loo_out(task),
         methods={name: MethodOut(**f.summary()) for name, f in task.fits.items()},
+        selection=selection_out(task.selection),
+    )
+
+
+def selection_out(selection: AutoSelection | None) -> SelectionOut | None:
+    if selection is None:
+        return None
+    return SelectionOut(
+        rule=selection.rule,
+        ranking=[RankedMethodOut(method=r.method, fold_accuracy=r.accuracy, fold_nll=r.nll) for r in selection.ranking],
+        folds=selection.folds,
+        compared_classes=selection.compared_classes,
+        scored_shots=selection.scored_shots,
+        retuned=selection.retuned,
     )
 
 

@@ -72,6 +72,30 @@ function renderPerClass(task) {
   confusion.replaceChildren(el("thead", {}, header), el("tbody", {}, rows));
 }
 
+// Why `auto` chose (task.selection): every cache method refitted on the same shot folds, best first. Each
+// method's own leave-one-out figure is not comparable across methods; this ranking is.
+const RULES = {
+  blend: "It serves the mean of the two ranked first",
+  best: "It serves the one ranked first (too few shots per class to blend)",
+};
+
+function renderSelection(task) {
+  const selection = task.selection;
+  const ranked = selection ? selection.ranking : [];
+  $("#selection").hidden = !ranked.length;
+  if (!ranked.length) return;
+  const members = (task.methods[task.method] || {}).members || [];
+  const serving = new Set(members.length ? members : [task.method]);
+  $("#selection-note").textContent = `Every method refitted without each of ${selection.folds} shot folds and ` +
+    `scored on the ${selection.scored_shots} held-out shots; ranked by calibrated cross-entropy, lowest first. ` +
+    `${RULES[selection.rule] || ""}.`;
+  const head = el("tr", {}, ["Method", "Held-out accuracy", "Cross-entropy", ""].map((t) => el("th", { scope: "col", text: t })));
+  const rows = ranked.map((r) => el("tr", { class: serving.has(r.method) ? "serving" : "" },
+    el("th", { scope: "row", text: r.method }), el("td", { text: percent(r.fold_accuracy) }),
+    el("td", { text: r.fold_nll.toFixed(3) }), el("td", { text: serving.has(r.method) ? "serves" : "" })));
+  $("#selection-ranking").replaceChildren(el("thead", {}, head), el("tbody", {}, rows));
+}
+
 function renderTask(task) {
   current = task;
   $("#task-title").textContent = task.name || task.id;
@@ -81,6 +105,7 @@ function renderTask(task) {
   $("#classify-panel").hidden = false;
   renderFacts(task);
   renderPerClass(task);
+  renderSelection(task);
 }
 
 export async function showTask(taskId, known = null) {

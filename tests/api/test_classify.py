@@ -167,6 +167,15 @@ def test_auto_blends_the_two_best_held_out_methods(
     ranked = sorted(held_out_scores, key=lambda name: held_out_scores[name][0])
     ensemble = task["methods"][ENSEMBLE]
     assert ensemble["members"] == ranked[:2]
+    # ... and says so: the ranking it chose from, the same numbers, best first
+    selection = task["selection"]
+    assert selection["rule"] == "blend"
+    assert [r["method"] for r in selection["ranking"]] == ranked
+    for r in selection["ranking"]:
+        assert (r["fold_nll"], r["fold_accuracy"]) == pytest.approx(held_out_scores[r["method"]])
+    assert selection["scored_shots"] == len(base_shots)
+    assert selection["compared_classes"] == len(BASE_CLASSES)
+    assert api_client.get(f"/v1/tasks/{task['id']}").json()["selection"] == selection
     assert ensemble["hyperparams"] == {}
     assert ensemble["loo_scored_shots"] == len(base_shots)  # every shot scored once on the folds
     assert task["loo_accuracy"] == ensemble["loo_accuracy"]

@@ -61,6 +61,12 @@ def test_task_commands(open_server: Server, shot_folder: Path, capsys: pytest.Ca
     assert any(key.startswith(f"{first}.") for key in task["hyperparams"])
     for name in CLASSES:
         assert any(line.split()[:2] == [name, str(SHOTS)] for line in out.splitlines()), out
+    # ... and why: auto's ranking, best first, the two it blends starred
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("auto (blend): "))
+    shown = [line.split() for line in lines[start + 3 : start + 3 + len(task["selection"]["ranking"])]]
+    assert [row[0] for row in shown] == [r["method"] for r in task["selection"]["ranking"]]
+    assert [row[1] == "*" for row in shown] == [r["method"] in (first, second) for r in task["selection"]["ranking"]]
 
     probes = [p for ps in images("test", 1).values() for p in ps]
     code, out, _ = run("classify", task["id"], *map(str, probes), "--json", "--top-k", "2", *url, capsys=capsys)

@@ -111,6 +111,15 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
             "rows => rows.map(r => [...r.querySelectorAll('td')].map(td => Number(td.textContent)))"
         )
         assert shown == confusion
+        # why auto chose: its ranking as the task resource gives it, the two it blends marked
+        ranking = task["selection"]["ranking"]
+        expect(page.locator("#selection")).to_be_visible()
+        expect(page.locator("#selection-ranking tbody tr")).to_have_count(len(ranking))
+        rows = page.locator("#selection-ranking tbody tr").evaluate_all(
+            "rows => rows.map(r => [r.querySelector('th').textContent, r.className])"
+        )
+        assert rows == [[r["method"], "serving" if r["method"] in (first, second) else ""] for r in ranking]
+        expect(page.locator("#selection-note")).to_contain_text(f"{task['selection']['scored_shots']} held-out shots")
         shoot(page, "task")
 
         # --- classify held-out images; the labels shown are the service's answers
