@@ -4,7 +4,7 @@ from cache_models import METHODS
 
 from .core import Classification, TaskListing, TaskService
 from .registry import BuildStatus, TaskRegistry
-from .requests import AddShotsRequest, ClassifyRequest, CreateTaskRequest, UploadedImage
+from .requests import AddShotsRequest, ClassifyRequest, CreateTaskRequest, UpdateTaskRequest, UploadedImage
 from .task import AutoSelection, Prediction, Task
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "TaskListing",
     "TaskRegistry",
     "TaskService",
+    "UpdateTaskRequest",
     "UploadedImage",
 ]

@@ -23,7 +23,7 @@ from cache_models import METHODS
 
 from .build import fit_methods, task_fits
 from .queue import EncoderQueue
-from .requests import CheckedCreate, CheckedShots, UploadedImage
+from .requests import CheckedCreate, CheckedShots, CheckedUpdate, UploadedImage
 from .task import FloatArray, Task
 
 Progress = Callable[[int, int], None]  # (shots encoded, shots in the request)
@@ -150,6 +150,23 @@ class TaskBuilder:
         )
         target = self.default_method if old.method_requested == "default" else old.method_requested
         return self._fit(draft, target=target, hyperparams=None)
+
+    def updated(self, old: Task, request: CheckedUpdate) -> Task:
+        """The next version of `old` with another name and/or method; the shots are kept as encoded. A
+        method change re-tunes every method as a build does (`auto` ranks them again); a rename keeps the
+        fits and what is fitted."""
+        draft = replace(
+            old,
+            version=old.version + 1,
+            updated_at=time.time(),
+            name=request.name if request.rename else old.name,
+            method_requested=request.method_requested or old.method_requested,
+        )
+        if request.method_requested is None:
+            for name in old.members():
+                draft.fitted.keep(old.model(name))
+            return draft
+        return self._fit(draft, target=request.method_requested, hyperparams=None)
 
     def _encode_shots(
         self, uploads: Sequence[UploadedImage], views: int, seeds: Sequence[int], progress: Progress

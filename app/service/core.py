@@ -50,9 +50,11 @@ from .requests import (
     AUTO,
     AddShotsRequest,
     CheckedCreate,
+    CheckedUpdate,
     ClassifyRequest,
     CreateTaskRequest,
     RequestRules,
+    UpdateTaskRequest,
 )
 from .task import Prediction, Task
 
@@ -185,6 +187,14 @@ class TaskService:
         with self.admission.build():
             return await self._run(self._build_pool, self._add_shots, (tenant, task_id), request)
 
+    async def update(self, tenant: str, task_id: str, request: UpdateTaskRequest) -> Task:
+        """Another method (re-chosen from the stored shots: nothing is re-encoded) and/or another name; the
+        version goes up. A method change re-tunes like a build, so it takes a build permit."""
+        await self.get(tenant, task_id)
+        checked = self.rules.update(request)
+        with self.admission.build():
+            return await self._run(self._build_pool, self._update, (tenant, task_id), checked)
+
     async def delete(self, tenant: str, task_id: str) -> None:
         key = (tenant, task_id)
         await self._run(self._io_pool, self._delete, key)
@@ -309,6 +319,17 @@ class TaskService:
         metrics.TASK_BUILD_SECONDS.observe(time.monotonic() - started)
         log.info(
             "task %s/%s v%d: +%d shots, %.1f s", *key, task.version, len(checked.images), time.monotonic() - started
+        )
+        return task
+
+    def _update(self, key: Key, checked: CheckedUpdate) -> Task:
+        started = time.monotonic()
+        with self.registry.writing(key):
+            task = self.builder.updated(self.registry.get(key), checked)
+            self.registry.save(task)
+        release_freed_memory()
+        log.info(
+            "task %s/%s v%d: updated (method %s), %.1f s", *key, task.version, task.method, time.monotonic() - started
         )
         return task
 

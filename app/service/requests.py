@@ -60,6 +60,15 @@ class ClassifyRequest:
     evidence: int = 0  # nearest shots to return per image
 
 
+@dataclass(frozen=True)
+class UpdateTaskRequest:
+    """A change of a built task that needs no new shots (absent fields stay as they are)."""
+
+    method: str | None = None  # a method name or "auto": chosen again from the stored shots
+    name: str | None = None
+    rename: bool = False  # `name` was given (None then clears it)
+
+
 # ---- checked requests ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CheckedShots:
@@ -77,6 +86,13 @@ class CheckedCreate(CheckedShots):
     templates: tuple[str, ...] | None  # None: the model's default templates
     hyperparams: Mapping[str, float] | None  # fit `target` with these instead of tuning it
     wait: bool
+
+
+@dataclass(frozen=True)
+class CheckedUpdate:
+    method_requested: str | None  # None: the method stays
+    name: str | None
+    rename: bool
 
 
 @dataclass(frozen=True)
@@ -109,8 +125,7 @@ class RequestRules:
                 ErrorCode.TOO_FEW_CLASSES, f"a task needs at least 2 classes; got {len(names)} ({', '.join(names)})"
             )
         self._class_count(len(names))
-        if request.name is not None and len(request.name) > MAX_NAME_CHARS:
-            raise _invalid(ErrorCode.NAME_TOO_LONG, f"name is longer than {MAX_NAME_CHARS} characters")
+        self._name(request.name)
         method = request.method
         if method is not None:
             self.method_name(method, allow_auto=True)
@@ -154,6 +169,15 @@ class RequestRules:
         self._only_labelled(specs, set(new_names))
         return CheckedShots(request.images, labels, tuple(self._class(n, specs) for n in new_names))
 
+    def update(self, request: UpdateTaskRequest) -> CheckedUpdate:
+        if request.method is None and not request.rename:
+            raise _invalid(ErrorCode.INVALID_REQUEST, "nothing to change: give `method` and/or `name`")
+        if request.method is not None:
+            self.method_name(request.method, allow_auto=True)
+        if request.rename:
+            self._name(request.name)
+        return CheckedUpdate(request.method, request.name, request.rename)
+
     def classify(self, request: ClassifyRequest, task: Task) -> CheckedClassify:
         limit = self.settings.max_classify_files
         if len(request.images) > limit:
@@ -191,6 +215,10 @@ class RequestRules:
         return name
 
     # ---- parts --------------------------------------------------------------------------------
+    def _name(self, name: str | None) -> None:
+        if name is not None and len(name) > MAX_NAME_CHARS:
+            raise _invalid(ErrorCode.NAME_TOO_LONG, f"name is longer than {MAX_NAME_CHARS} characters")
+
     def _shots(self, images: Sequence[UploadedImage], raw_labels: Sequence[str]) -> tuple[str, ...]:
         limit = self.settings.max_create_files
         if len(images) > limit:
