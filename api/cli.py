@@ -195,6 +195,15 @@ def cmd_task_show(args: argparse.Namespace, client: ShotcacheClient) -> int:
     return 0
 
 
+def cmd_task_update(args: argparse.Namespace, client: ShotcacheClient) -> int:
+    from .client import UNSET, Unset  # the client's module imports httpx: not at serve time
+
+    name: str | Unset | None = None if args.clear_name else UNSET if args.name is None else args.name
+    task = client.update_task(args.task, method=args.method, name=name)
+    print(task.model_dump_json(indent=2) if args.json else _task_summary(task))
+    return 0
+
+
 def cmd_task_delete(args: argparse.Namespace, client: ShotcacheClient) -> int:
     for task_id in args.tasks:
         client.delete_task(task_id)
@@ -265,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = build_service_parser()
     sub = _subcommands(parser)
     sub.choices["serve"].set_defaults(func=cmd_serve_any_engine)
-    task = sub.add_parser("task", help="create, list, show or delete tasks on a running service")
+    task = sub.add_parser("task", help="create, list, show, update or delete tasks on a running service")
     task_sub = task.add_subparsers(dest="task_command", required=True)
 
     def command(name: str, func: ClientCommand, help_text: str) -> argparse.ArgumentParser:
@@ -282,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--no-wait", action="store_true", help="return once uploaded; the build runs on")
     command("list", cmd_task_list, "list tasks (and builds in progress)")
     command("show", cmd_task_show, "one task: method, hyper-parameters, leave-one-out per class").add_argument("task")
+    update = command("update", cmd_task_update, "serve another method or rename a task (nothing re-uploaded)")
+    update.add_argument("task")
+    update.add_argument("--method", help=f"{', '.join(METHODS)} or auto: tuned again on the stored shots")
+    names = update.add_mutually_exclusive_group()
+    names.add_argument("--name")
+    names.add_argument("--clear-name", action="store_true", help="remove the task's name")
     command("delete", cmd_task_delete, "delete tasks").add_argument("tasks", nargs="+", metavar="task")
 
     classify = sub.add_parser("classify", help="classify images with a task of a running service")

@@ -141,6 +141,13 @@ _BY_STATUS: dict[int, type[ShotcacheError]] = {
 _RETRIED = frozenset({429, 503})
 
 
+class Unset:
+    """An argument not given (where None means something: `update_task(name=None)` clears the name)."""
+
+
+UNSET = Unset()
+
+
 def error_from(response: httpx.Response) -> ShotcacheError:
     """The typed exception for an error answer, with the service's code and message."""
     code, message = "http_error", f"HTTP {response.status_code}"
@@ -224,6 +231,7 @@ class ShotcacheClient:
         *,
         files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
         data: Mapping[str, Any] | None = None,
+        json_body: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
         ok: tuple[int, ...] = (200,),
     ) -> httpx.Response:
@@ -233,6 +241,9 @@ class ShotcacheClient:
             built = self._http.build_request(method, path, files=files, data=data)
             body = built.read()
             headers = {"content-type": built.headers["content-type"], "content-length": str(len(body))}
+        elif json_body is not None:
+            body = json.dumps(dict(json_body)).encode()
+            headers = {"content-type": "application/json", "content-length": str(len(body))}
         for attempt in range(self.retries + 1):
             content = None if body is None else self._chunks(body, progress)
             try:
@@ -352,6 +363,15 @@ class ShotcacheClient:
             data["classes"] = json.dumps({label: list(texts) for label, texts in prompts.items()})
         files = [_part(image, i) for i, (_, image) in enumerate(shots)]
         response = self._send("POST", f"/v1/tasks/{task_id}/shots", files=files, data=data, progress=progress)
+        return TaskOut.model_validate(response.json())
+
+    def update_task(self, task_id: str, *, method: str | None = None, name: str | Unset | None = UNSET) -> TaskOut:
+        """Serve another method (a name or "auto", chosen again from the stored shots: nothing is uploaded or
+        re-encoded) and/or rename the task (`name=None` clears the name); its version goes up."""
+        body: dict[str, Any] = {} if method is None else {"method": method}
+        if not isinstance(name, Unset):
+            body["name"] = name
+        response = self._send("PATCH", f"/v1/tasks/{task_id}", json_body=body)
         return TaskOut.model_validate(response.json())
 
     def classify(

@@ -116,6 +116,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        undecodable = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if undecodable is not None:  # a JSON body (PATCH) that does not parse: say so, and where
+            loc = undecodable.get("loc", ())
+            at = f" at character {loc[-1]}" if len(loc) > 1 else ""
+            reason = (undecodable.get("ctx") or {}).get("error") or undecodable.get("msg", "JSON decode error")
+            return error_response(
+                status_of(ErrorCode.INVALID_JSON), ErrorCode.INVALID_JSON, f"the body is not valid JSON{at}: {reason}"
+            )
         return error_response(422, ErrorCode.INVALID_REQUEST, _validation_message(exc))
 
     @app.exception_handler(HTTPException)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
@@ -111,6 +111,19 @@ class TaskOut(BaseModel):
         "method's own `loo_accuracy` above is not comparable across methods (APE's and GDA's statistics see the "
         "held-out shot); this ranking is, every method scored on the same held-out shots.",
     )
+
+
+class TaskUpdate(BaseModel):
+    """PATCH /v1/tasks/{id}: what to change; a field left out stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | None = Field(
+        default=None,
+        description="A method name or `auto`: every method is tuned again on the stored shots (nothing is "
+        "re-encoded) and this one serves; `auto` ranks them again (`selection`).",
+    )
+    name: str | None = Field(default=None, description="A new name; null clears it.")
 
 
 class BuildOut(BaseModel):

@@ -1,4 +1,4 @@
-"""/v1/tasks: create, list, read, delete, add shots."""
+"""/v1/tasks: create, list, read, update (method, name), delete, add shots."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import JSONResponse
 
-from app.service import METHODS, AddShotsRequest, BuildStatus, CreateTaskRequest
+from app.service import METHODS, AddShotsRequest, BuildStatus, CreateTaskRequest, UpdateTaskRequest
 
 from ..deps import CallerDep, ServiceDep
 from ..errors import status_of
 from ..responses import errors
-from ..schemas import BuildOut, TaskList, TaskOut
+from ..schemas import BuildOut, TaskList, TaskOut, TaskUpdate
 from .forms import json_field, read_uploads
 from .views import build_out, task_out
 
@@ -110,6 +110,13 @@ async def get_task(service: ServiceDep, caller: CallerDep, task_id: str) -> Task
             code = status_of(build.error_code)
         return JSONResponse(build_out(build).model_dump(), status_code=code)
     return task_out(await service.get(caller.tenant, task_id))
+
+
+@router.patch("/{task_id}", response_model=TaskOut, responses=errors(400, 401, 404, 409, 413, 422, 429, 503))
+async def update_task(service: ServiceDep, caller: CallerDep, task_id: str, update: TaskUpdate) -> TaskOut:
+    """Serve another method (re-tuned on the stored shots, or `auto` ranking them again) and/or rename the task."""
+    request = UpdateTaskRequest(method=update.method, name=update.name, rename="name" in update.model_fields_set)
+    return task_out(await service.update(caller.tenant, task_id, request))
 
 
 @router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(401, 404, 409, 422, 503))

@@ -259,3 +259,40 @@ def test_the_create_forms_method_field_names_every_method(api_client: TestClient
     described = form["properties"]["method"]["description"]
     for method in api_client.get("/v1/info").json()["methods"]:
         assert method in described
+
+
+def test_patch_switches_the_method_and_renames_without_uploading(api_client: TestClient) -> None:
+    shots = cifar_images("train", ("cat", "dog"), 3)
+    task = create_task(api_client, shots, name="pets", method="ape")
+    assert (task["method"], task["selection"]) == ("ape", None)
+    url = f"/v1/tasks/{task['id']}"
+    before = encoded_images()
+    response = api_client.patch(url, json={"method": "auto"})
+    assert response.status_code == 200, response.text
+    updated = response.json()
+    assert encoded_images() == before  # nothing re-encoded
+    assert (updated["version"], updated["method_requested"], updated["name"]) == (task["version"] + 1, "auto", "pets")
+    assert updated["method"] == "ensemble"
+    assert updated["selection"]["rule"] == "blend"
+    assert updated["classes"] == task["classes"]
+    assert api_client.get(url).json() == updated
+    probe = files_of(cifar_images("test", ("cat",), 1))
+    assert {r["method"] for r in api_client.post(f"{url}/classify", files=probe).json()["results"]} == {"ensemble"}
+
+    renamed = api_client.patch(url, json={"name": "animals"}).json()
+    assert (renamed["name"], renamed["method"], renamed["version"]) == ("animals", "ensemble", updated["version"] + 1)
+    assert renamed["selection"] == updated["selection"]
+    assert api_client.patch(url, json={"name": None}).json()["name"] is None
+
+
+def test_patch_errors(api_client: TestClient, base_task: dict[str, Any]) -> None:
+    url = f"/v1/tasks/{base_task['id']}"
+    assert_error(api_client.patch(url, json={}), 422, "invalid_request", "nothing to change")
+    assert_error(api_client.patch(url, json={"method": "magic"}), 422, "unknown_method", "magic", "tip-adapter")
+    assert_error(api_client.patch(url, json={"methd": "ape"}), 422, "invalid_request", "methd")
+    assert_error(api_client.patch(url, json={"method": 3}), 422, "invalid_request", "method")
+    assert_error(api_client.patch(url, json={"name": "x" * 1000}), 422, "name_too_long")
+    broken = api_client.patch(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(broken, 422, "invalid_json", "not valid JSON", "character 1")
+    assert_error(api_client.patch("/v1/tasks/nope", json={"method": "ape"}), 404, "task_not_found", "nope")
+    assert api_client.get(url).json() == base_task  # nothing changed

@@ -111,7 +111,8 @@ def _steer(case: Any, draw: Callable[[Any], Any], fuzz: FuzzApp, *, valid: bool 
             params["task_id"] = draw(st.sampled_from(pool))
             steered.changed = True
     body = case.body
-    if not isinstance(body, dict) or not case.operation.body:  # the multipart routes: all take `images`
+    multipart = case.media_type == "multipart/form-data"  # those routes all take `images`; PATCH takes JSON
+    if not isinstance(body, dict) or not case.operation.body or not multipart:
         return steered
     level = "valid" if valid else draw(st.sampled_from(["generated", "files", "valid"]))
     if level == "files" and isinstance(body.get("images"), list) and body["images"]:

@@ -86,6 +86,32 @@ def test_task_commands(open_server: Server, shot_folder: Path, capsys: pytest.Ca
     assert err.strip() == f"error (task_not_found): task {task['id']} not found"
 
 
+def test_task_update(open_server: Server, shot_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`task update`: another method chosen from the stored shots, a new name, or none; the client's
+    update_task behind it (PATCH)."""
+    url = ("--url", open_server.url)
+    code, out, err = run(
+        "task", "create", "--from-folder", str(shot_folder), "--method", "ape", "--json", *url, capsys=capsys
+    )
+    assert code == 0, err
+    task = json.loads(out)
+    code, out, err = run("task", "update", task["id"], "--method", "auto", "--name", "renamed", *url, capsys=capsys)
+    assert code == 0, err
+    assert f"task {task['id']} (renamed), version 2" in out
+    assert any(line.startswith("auto (blend): ") for line in out.splitlines()), out
+    code, out, _ = run("task", "update", task["id"], "--clear-name", "--json", *url, capsys=capsys)
+    assert code == 0
+    cleared = json.loads(out)
+    assert (cleared["name"], cleared["version"], cleared["method"]) == (None, 3, "ensemble")
+    code, _, err = run("task", "update", task["id"], "--method", "magic", *url, capsys=capsys)
+    assert code == 1
+    assert err.startswith("error (unknown_method): unknown method 'magic'")
+    code, _, err = run("task", "update", task["id"], *url, capsys=capsys)
+    assert code == 1
+    assert "nothing to change" in err
+    run("task", "delete", task["id"], *url, capsys=capsys)
+
+
 def test_console_script_reads_url_and_key_from_the_environment(keyed_server: Server) -> None:
     """`python -m api.cli` (the `shotcache` script's module) with SHOTCACHE_URL and SHOTCACHE_API_KEY."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOTCACHE_")}
