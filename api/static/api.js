@@ -37,10 +37,11 @@ async function errorOf(response) {
   return new ApiError(response.status, error.code, error.message, body);
 }
 
-export async function request(method, path, { form = null, accept202 = false } = {}) {
+export async function request(method, path, { form = null, json = null, accept202 = false } = {}) {
   let response;
+  const headers = json === null ? authHeaders() : { ...authHeaders(), "Content-Type": "application/json" };
   try {
-    response = await fetch(path, { method, headers: authHeaders(), body: form });
+    response = await fetch(path, { method, headers, body: json === null ? form : JSON.stringify(json) });
   } catch (err) {
     throw new ApiError(0, "network_error", `the service did not answer (${err.message})`);
   }

@@ -105,7 +105,7 @@ async function start() {
     resetCreate();
     location.hash = `#/task/${task.id}`;
   });
-  setupTask();
+  setupTask(info);
   window.addEventListener("hashchange", route);
   await route();
   return true;

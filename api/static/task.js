@@ -106,6 +106,9 @@ function renderTask(task) {
   renderFacts(task);
   renderPerClass(task);
   renderSelection(task);
+  const asked = task.method_requested === "default" ? task.method : task.method_requested;
+  if ([...$("#method-switch").options].some((o) => o.value === asked)) $("#method-switch").value = asked;
+  showError($("#method-error"), null);
 }
 
 export async function showTask(taskId, known = null) {
@@ -115,6 +118,7 @@ export async function showTask(taskId, known = null) {
   $("#task-result").hidden = true;
   $("#classify-panel").hidden = true;
   $("#classify-results").replaceChildren();
+  $("#method-status").textContent = "tuned again on the stored shots; nothing is uploaded";
   showError($("#task-error"), null);
   showError($("#classify-error"), null);
   try {
@@ -252,7 +256,30 @@ function uniqueNames(files) {
   });
 }
 
-export function setupTask() {
+async function switchMethod(event) {
+  event.preventDefault();
+  if (!current) return;
+  const button = $("#method-submit");
+  const method = $("#method-switch").value;
+  button.disabled = true;
+  $("#method-status").textContent = `tuning every method on the stored shots, then serving ${method}…`;
+  showError($("#method-error"), null);
+  try {
+    const { body } = await request("PATCH", taskPath(current.id), { json: { method } });
+    renderTask(body);
+    $("#method-status").textContent = `now serving ${body.method}`;
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    $("#method-status").textContent = "";
+    showError($("#method-error"), err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+export function setupTask(info) {
+  $("#method-switch").replaceChildren(...info.methods.map((m) => el("option", { value: m, text: m })));
+  $("#method-form").addEventListener("submit", switchMethod);
   const input = $("#classify-files");
   input.addEventListener("change", () => {
     classifyFiles(uniqueNames([...input.files]));

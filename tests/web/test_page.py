@@ -166,6 +166,18 @@ def test_build_classify_correct_delete(open_server: Server, shot_folder: Path, t
         assert after["version"] == 2
         assert {c["name"]: c["shots"] for c in after["classes"]}[right] == {"frog": 5}.get(right, 4) + 1
 
+        # --- serve another method: re-tuned on the stored shots (PATCH), version 3, no ranking for a named one
+        expect(page.locator("#method-switch")).to_have_value("auto")
+        page.get_by_label("Serve another method").select_option("gda")
+        page.get_by_role("button", name="Re-tune").click()
+        expect(page.locator("#task-version")).to_have_text("version 3", timeout=BUILD_TIMEOUT_MS)
+        expect(page.locator("#method-status")).to_have_text("now serving gda")
+        expect(facts).to_contain_text("gda")
+        expect(page.locator("#selection")).to_be_hidden()
+        switched = httpx.get(f"{open_server.url}/v1/tasks/{task_id}").json()
+        assert (switched["version"], switched["method"], switched["selection"]) == (3, "gda", None)
+        assert switched["classes"] == after["classes"]
+
         # --- the task list, and delete with confirmation (cancel first: still there)
         page.get_by_role("link", name="Tasks", exact=True).click()
         row = page.locator("#tasks-body tr")
