@@ -124,6 +124,22 @@ def test_shots_added_on_one_replica_are_seen_by_the_next_request_on_the_other(
     assert_same_answers(answer, classify(b, task["id"]))
 
 
+def test_a_method_switched_on_one_replica_serves_on_the_other(cluster: tuple[Replica, Replica]) -> None:
+    a, b = cluster
+    task = create(a, method="ape")
+    assert classify(b, task["id"])["results"][0]["method"] == "ape"  # B holds version 1 in its cache
+    with a.client() as client:
+        response = client.patch(f"/v1/tasks/{task['id']}", json={"method": "auto", "name": "switched"})
+    assert response.status_code == 200, response.text
+    switched = response.json()
+    assert (switched["version"], switched["method"], switched["name"]) == (2, "ensemble", "switched")
+    seen = get(b, task["id"]).json()
+    assert (seen["version"], seen["method"], seen["selection"]) == (2, "ensemble", switched["selection"])
+    answer = classify(b, task["id"])
+    assert (answer["task_version"], answer["results"][0]["method"]) == (2, "ensemble")
+    assert_same_answers(answer, classify(a, task["id"]))
+
+
 def test_a_task_deleted_on_one_replica_is_gone_on_the_other(cluster: tuple[Replica, Replica]) -> None:
     a, b = cluster
     task = create(a)
