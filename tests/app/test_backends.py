@@ -157,7 +157,9 @@ def test_an_export_writes_nothing_to_stdout_and_no_exporter_warnings(
     decompositions...') and onnxscript's routine constant-folding warnings would land in the operator's log."""
     caplog.set_level(logging.DEBUG)
     capfd.readouterr()
-    found = export.ensure_export(tiny_model(3), "onnx", tmp_path)
+    before = export.exports_made()
+    found = export.ensure_export(tiny_model(11), "onnx", tmp_path)  # a model no other test exports
+    assert export.exports_made() == before + 1  # really exported here, not copied from an earlier export
     assert found.image.precision == "fp32"
     out, _ = capfd.readouterr()
     assert "[torch.onnx]" not in out
