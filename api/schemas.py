@@ -107,9 +107,10 @@ class TaskOut(BaseModel):
     methods: dict[str, MethodOut]
     selection: SelectionOut | None = Field(
         default=None,
-        description="For a task created with method=auto: why `method` was chosen (null for a named method). Each "
-        "method's own `loo_accuracy` above is not comparable across methods (APE's and GDA's statistics see the "
-        "held-out shot); this ranking is, every method scored on the same held-out shots.",
+        description="For a task created with method=auto: why `method` was chosen (null for a named method, and for "
+        "a task stored before this field existed until PATCH method=auto ranks it). Each method's own "
+        "`loo_accuracy` above is not comparable across methods (APE's and GDA's statistics see the held-out shot); "
+        "this ranking is, every method scored on the same held-out shots.",
     )
 
 
