@@ -214,9 +214,10 @@ def fold_plan(methods: Mapping[str, CacheMethod]) -> FoldPlan | None:
     return FoldPlan(classes, n_folds, retunes_folds(class_subset(next(iter(tuned.values())).support, classes)))
 
 
-def fold_scores(methods: Mapping[str, CacheMethod]) -> dict[str, FoldScore]:
-    """Every tuned cache method scored on the same folds; zero-shot takes no part (module docstring)."""
-    plan = fold_plan(methods)
+def fold_scores(methods: Mapping[str, CacheMethod], plan: FoldPlan | None = None) -> dict[str, FoldScore]:
+    """Every tuned cache method scored on the same folds (`plan`, default `fold_plan(methods)`); zero-shot
+    takes no part (module docstring)."""
+    plan = plan or fold_plan(methods)
     if plan is None:
         return {}
     classes, n_folds, retune = plan.classes, plan.n_folds, plan.retune
@@ -293,13 +294,14 @@ def choose(methods: Mapping[str, CacheMethod]) -> Choice | None:
     """`method=auto`: from BLEND_FROM_SHOTS shots per scored class the mean calibrated probabilities of
     the BLEND_SIZE methods `pick_best` ranks first; below, `pick_best`'s one method; None where
     `pick_best` gives None (the caller's default)."""
-    scores = fold_scores(methods)
+    plan = fold_plan(methods)
+    scores = fold_scores(methods, plan)
     if not scores:
         single = _one_shot_choice(methods)
         return None if single is None else Choice((single,), (_temperature(methods[single]),))
     ranked = _ranked(scores, list(methods))
     ranking = tuple(Ranked(name, scores[name].nll, scores[name].accuracy) for name in ranked)
-    plan, scored = fold_plan(methods), int(scores[ranked[0]].labels.size)
+    scored = int(scores[ranked[0]].labels.size)
     support = class_subset(methods[ranked[0]].support, next(iter(scores.values())).classes)
     blend = len(ranked) >= BLEND_SIZE and fewest_scored_shots(support) >= BLEND_FROM_SHOTS
     members = tuple(ranked[:BLEND_SIZE]) if blend else (ranked[0],)

@@ -15,7 +15,7 @@ from cache_models.selection import Choice, choose
 from cache_models.tuning import TuneReport
 
 from .requests import AUTO
-from .task import ENSEMBLE, AutoSelection, MethodFit, RankedMethod, abstain_threshold
+from .task import ENSEMBLE, AutoSelection, MethodFit, abstain_threshold
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def auto_selection(choice: Choice) -> AutoSelection:
     plan = choice.plan
     return AutoSelection(
         rule=choice.rule,
-        ranking=tuple(RankedMethod(r.method, r.accuracy, r.nll) for r in choice.ranking),
+        ranking=choice.ranking,
         folds=0 if plan is None else plan.n_folds,
         compared_classes=0 if plan is None else int(plan.classes.size),
         scored_shots=choice.scored_shots,

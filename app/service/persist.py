@@ -28,8 +28,9 @@ from app.encoder import ClassPrompts
 from app.fewshot import make_supports
 from app.store import TaskSnapshot
 from cache_models import get_method
+from cache_models.selection import Ranked
 
-from .task import ENSEMBLE, SELECTION_RULES, AutoSelection, MethodFit, RankedMethod, Task
+from .task import ENSEMBLE, SELECTION_RULES, AutoSelection, MethodFit, Task
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,7 @@ def _selection(task_id: str, info: Any) -> AutoSelection | None:
         rule = next(r for r in SELECTION_RULES if r == info["rule"])  # StopIteration: not a rule
         return AutoSelection(
             rule=rule,
-            ranking=tuple(
-                RankedMethod(str(r["method"]), float(r["accuracy"]), float(r["nll"])) for r in info["ranking"]
-            ),
+            ranking=tuple(Ranked(str(r["method"]), float(r["nll"]), float(r["accuracy"])) for r in info["ranking"]),
             folds=int(info["folds"]),
             compared_classes=int(info["compared_classes"]),
             scored_shots=int(info["scored_shots"]),

@@ -29,7 +29,7 @@ from app.heap import release_freed_memory
 from cache_models import CacheMethod, get_method
 from cache_models.base import HyperValue
 from cache_models.evidence import nearest_shots
-from cache_models.selection import blend_hyperparams, calibrated_probabilities
+from cache_models.selection import Ranked, blend_hyperparams, calibrated_probabilities
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -165,16 +165,6 @@ class Prediction:
     evidence: list[tuple[int, str, float]] | None = None  # (shot, its class, cosine), nearest first
 
 
-@dataclass(frozen=True)
-class RankedMethod:
-    """One cache method as `method=auto` ranked it: refitted without each shot fold, scored on the held-out
-    shots (every method on the same ones)."""
-
-    method: str
-    accuracy: float  # held-out accuracy on the shared folds
-    nll: float  # calibrated held-out cross-entropy: what ranks
-
-
 # "blend" (the mean of the two best), "best", "one-shot" (no class has 2 shots), "default" (nothing to choose)
 SelectionRule = Literal["blend", "best", "one-shot", "default"]
 SELECTION_RULES: tuple[SelectionRule, ...] = ("blend", "best", "one-shot", "default")
@@ -186,7 +176,7 @@ class AutoSelection:
     why; a task built with a named method has none."""
 
     rule: SelectionRule
-    ranking: tuple[RankedMethod, ...]  # best first; empty for "one-shot" and "default"
+    ranking: tuple[Ranked, ...]  # best first (cache_models.selection); empty for "one-shot" and "default"
     folds: int  # shot folds of the comparison (0: none)
     compared_classes: int  # classes it refitted on (all, or a fixed subset of a large task)
     scored_shots: int
